@@ -19,7 +19,7 @@ def share_dir() -> Path:
             share = Path(get_package_share_directory(PACKAGE))
             if (share / "config").is_dir():
                 return share
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):  # OSError: AMENT_PREFIX_PATH unset (no ROS sourced)
             pass
     except ImportError:
         pass

@@ -1,0 +1,233 @@
+"""Shared rclpy glue for every ire_vla_ros node: parameters, QoS profiles, a standard main().
+
+Kept deliberately small and stable; nodes import from here.
+
+    from ire_vla_ros.nodes.ros_common import P, declare_params, SENSOR_QOS, LATCHED_QOS, run_node
+
+    class MyNode(Node):
+        PARAMS = {
+            "rate_hz": P(10.0, "Loop rate", min=0.1, max=100.0),
+            "topic": P("/x", "Input topic", read_only=True),
+        }
+        def __init__(self, **kwargs):
+            super().__init__("my_node", **kwargs)
+            self.p = declare_params(self, self.PARAMS)   # SimpleNamespace: self.p.rate_hz ...
+
+    def main(args=None):
+        return run_node(MyNode, args, description="What the node does")
+
+`run_node` gives `--help` without starting ROS (argparse on the non-ROS arguments, rest goes to
+rclpy), spins on a MultiThreadedExecutor, and shuts down cleanly on Ctrl-C / external shutdown.
+A node constructor that raises `NodeStartupError` makes main() log the reason and return 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping, Sequence
+
+import rclpy
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.qos import (
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+from rclpy.utilities import remove_ros_args
+
+__all__ = [
+    "P",
+    "declare_params",
+    "params_as_dict",
+    "SENSOR_QOS",
+    "LATCHED_QOS",
+    "RELIABLE_QOS",
+    "COMMAND_QOS",
+    "NodeStartupError",
+    "run_node",
+    "stamp_to_sec",
+    "ROS_ARGS_HELP",
+]
+
+# ---------------------------------------------------------------------------------------------
+# QoS
+# ---------------------------------------------------------------------------------------------
+#: Cameras and other high-rate sensors: KEEP_LAST 5, BEST_EFFORT, VOLATILE.
+SENSOR_QOS: QoSProfile = qos_profile_sensor_data
+#: Latched state (instruction, e-stop, status): the last message reaches late joiners.
+LATCHED_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+#: Ordinary reliable stream (joint states, actions for the recorder, rewards).
+RELIABLE_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+#: Motion commands: only the newest matters (MoveIt Servo uses the default reliable profile).
+COMMAND_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.VOLATILE,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class P:
+    """One parameter: default (its type fixes the parameter type), description, optional range.
+
+    `type` is needed only when the default is an empty list (e.g. Parameter.Type.STRING_ARRAY).
+    """
+
+    default: Any
+    description: str
+    min: float | int | None = None
+    max: float | int | None = None
+    read_only: bool = False
+    constraints: str = ""
+    type: Parameter.Type | None = None
+
+    def descriptor(self, name: str) -> ParameterDescriptor:
+        d = ParameterDescriptor(
+            name=name,
+            description=self.description,
+            read_only=self.read_only,
+            additional_constraints=self.constraints,
+        )
+        if self.min is not None or self.max is not None:
+            if isinstance(self.default, bool):
+                raise ValueError(f"parameter {name}: a bool has no range")
+            lo = self.min if self.min is not None else (-1e308 if isinstance(self.default, float) else -(2**63))
+            hi = self.max if self.max is not None else (1e308 if isinstance(self.default, float) else 2**63 - 1)
+            if isinstance(self.default, float):
+                d.floating_point_range = [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
+            elif isinstance(self.default, int):
+                d.integer_range = [IntegerRange(from_value=int(lo), to_value=int(hi), step=0)]
+            else:
+                raise ValueError(f"parameter {name}: range given for a non-numeric default")
+        return d
+
+
+def declare_params(node, specs: Mapping[str, P]) -> SimpleNamespace:
+    """Declare every parameter with its descriptor; return the resulting values by name.
+
+    Dotted names ("workspace.min_x") become attributes with "_" ("workspace_min_x").
+    """
+    values = {}
+    for name, spec in specs.items():
+        default = spec.default
+        if isinstance(default, (list, tuple)) and len(default) == 0:
+            if spec.type is None:
+                raise ValueError(f"parameter {name}: empty list default needs P(type=...)")
+            default = spec.type
+        elif isinstance(default, tuple):
+            default = list(default)
+        param = node.declare_parameter(name, default, spec.descriptor(name))
+        value = param.value
+        if value is None and spec.type is not None:  # declared by type only, not overridden
+            value = []
+        values[name.replace(".", "_")] = value
+    return SimpleNamespace(**values)
+
+
+def params_as_dict(node, specs: Mapping[str, P]) -> dict:
+    """The current values of the given parameters (for logging / diagnostics)."""
+    return {name: node.get_parameter(name).value for name in specs}
+
+
+# ---------------------------------------------------------------------------------------------
+# Time
+# ---------------------------------------------------------------------------------------------
+def stamp_to_sec(stamp) -> float:
+    """builtin_interfaces/Time -> float seconds."""
+    return float(stamp.sec) + float(stamp.nanosec) * 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# main()
+# ---------------------------------------------------------------------------------------------
+class NodeStartupError(RuntimeError):
+    """Raised by a node constructor when it cannot start (missing dependency, bad checkpoint...)."""
+
+
+ROS_ARGS_HELP = (
+    "ROS arguments follow --ros-args, e.g.\n"
+    "  --ros-args --params-file config/<node>.yaml -p name:=value -r __node:=new_name -r old:=new\n"
+    "Parameters and their descriptions: `ros2 param describe <node> <param>` while it runs."
+)
+
+
+def build_parser(prog: str, description: str, params: Mapping[str, P] | None = None) -> argparse.ArgumentParser:
+    epilog = ROS_ARGS_HELP
+    if params:
+        lines = ["", "Parameters (default):"]
+        for name, spec in params.items():
+            default = spec.default if spec.default != [] else "[]"
+            lines.append(f"  {name} ({default!r}): {spec.description}")
+        epilog += "\n" + "\n".join(lines)
+    return argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def run_node(
+    node_factory: Callable[..., Any],
+    args: Sequence[str] | None = None,
+    *,
+    description: str = "",
+    params: Mapping[str, P] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    num_threads: int | None = None,
+) -> int:
+    """Standard main(): `--help` without ROS, init, spin on a MultiThreadedExecutor, clean shutdown.
+
+    `args` follows rclpy's convention: a full argv (args[0] is the program), None = sys.argv.
+    If `add_arguments` is given it extends the parser and the factory is called as
+    `node_factory(cli=namespace)`; otherwise `node_factory()`.
+    `params` (the node's parameter table) is listed in `--help`. Returns a process exit code.
+    """
+    argv = list(sys.argv if args is None else args)
+    prog = argv[0].rsplit("/", 1)[-1] if argv else "node"
+    parser = build_parser(prog, description, params)
+    if add_arguments is not None:
+        add_arguments(parser)
+    non_ros = remove_ros_args(args=argv)[1:]
+    cli, unknown = parser.parse_known_args(non_ros)  # --help exits here, before rclpy.init
+    if unknown:
+        print(f"{prog}: ignoring unknown arguments {unknown} (ROS arguments go after --ros-args)",
+              file=sys.stderr)
+
+    rclpy.init(args=argv)
+    node = None
+    code = 0
+    try:
+        try:
+            node = node_factory(cli=cli) if add_arguments is not None else node_factory()
+        except (NodeStartupError, ParameterException) as exc:
+            rclpy.logging.get_logger(prog).fatal(f"cannot start: {exc}")
+            return 1
+        executor = MultiThreadedExecutor(num_threads=num_threads)
+        executor.add_node(node)
+        try:
+            executor.spin()
+        finally:
+            executor.shutdown()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code

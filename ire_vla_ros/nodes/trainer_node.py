@@ -1,0 +1,378 @@
+"""trainer_node: runs the next iRe-VLA stage(s) in a separate process and hot-reloads the policy.
+
+`~/run_iteration` (std_srvs/Trigger) starts `command` (default
+`python -m ire_vla_ros.cli train offline --episodes DIR --checkpoints DIR --config YAML --device DEV`)
+as a child process and returns at once. The node stays responsive while it runs:
+
+* every `PROGRESS {"stage": ..., "fraction": ..., "message": ...}` line of the child's stdout
+  updates `~/status` (std_msgs/String, JSON, latched);
+* the line `CHECKPOINT <path>` names the new checkpoint;
+* exit code 0 = success; then `/policy_node/reload` (std_srvs/Trigger, `reload_service`) is called
+  asynchronously, so the running policy picks up the new checkpoint without a restart.
+
+A second `~/run_iteration` while a run is in progress is refused (success=false, with the reason).
+`~/cancel` (std_srvs/Trigger) stops a run (SIGTERM to its process group, SIGKILL after
+`cancel_timeout_s`). The child's full output is written to `log_dir/train_<time>.log`.
+
+Status JSON keys: state (idle | running | succeeded | failed | cancelled), run, stage, fraction,
+message, checkpoint, returncode, elapsed_s, log_path, output_tail, reload (""/pending/ok/failed/
+skipped), reload_message, command.
+"""
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
+
+from ire_vla_ros.nodes.ros_common import LATCHED_QOS, P, declare_params, run_node
+
+DEFAULT_COMMAND = [
+    "{python}", "-m", "ire_vla_ros.cli", "train", "offline",
+    "--episodes", "{episodes}", "--checkpoints", "{checkpoints}",
+    "--config", "{config}", "--device", "{device}",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain logic (no ROS)
+# ---------------------------------------------------------------------------------------------
+def parse_line(line: str):
+    """One stdout line -> ("progress", dict) | ("checkpoint", path) | ("log", line)."""
+    text = line.rstrip("\r\n")
+    if text.startswith("PROGRESS "):
+        try:
+            data = json.loads(text[len("PROGRESS "):])
+            if isinstance(data, dict):
+                return "progress", data
+        except json.JSONDecodeError:
+            pass
+    elif text.startswith("CHECKPOINT "):
+        path = text[len("CHECKPOINT "):].strip()
+        if path:
+            return "checkpoint", path
+    return "log", text
+
+
+def build_command(template: list[str], values: dict[str, str]) -> list[str]:
+    """Fill `{name}` placeholders; an `--option {x}` pair whose value is empty is left out."""
+    out: list[str] = []
+    for arg in template:
+        filled = arg.format(**values) if "{" in arg else arg
+        if filled == "" and "{" in arg and out and out[-1].startswith("--"):
+            out.pop()
+            continue
+        out.append(filled)
+    return out
+
+
+class TrainingJob:
+    """One child process; a reader thread parses its output. Thread-safe `snapshot()`."""
+
+    def __init__(self, command: list[str], *, log_path: Path | None = None, env: dict | None = None,
+                 cwd: str | None = None, tail_lines: int = 20):
+        self.command = list(command)
+        self.log_path = log_path
+        self.started = time.monotonic()
+        self.finished: float | None = None
+        self.stage = ""
+        self.fraction = 0.0
+        self.message = "starting"
+        self.checkpoint = ""
+        self.returncode: int | None = None
+        self.cancelled = False
+        self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self._lock = threading.Lock()
+        self._version = 0
+        env = dict(os.environ if env is None else env)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, bufsize=1, env=env, cwd=cwd, start_new_session=True,  # own process group
+        )
+        self._thread = threading.Thread(target=self._read, name="trainer-output", daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        log = None
+        try:
+            if self.log_path is not None:
+                self.log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = open(self.log_path, "w", encoding="utf-8")
+                log.write("$ " + shlex.join(self.command) + "\n")
+            for line in self.proc.stdout:
+                if log is not None:
+                    log.write(line)
+                    log.flush()
+                kind, value = parse_line(line)
+                with self._lock:
+                    if kind == "progress":
+                        self.stage = str(value.get("stage", self.stage))
+                        try:
+                            self.fraction = float(value.get("fraction", self.fraction))
+                        except (TypeError, ValueError):
+                            pass
+                        self.message = str(value.get("message", ""))
+                    elif kind == "checkpoint":
+                        self.checkpoint = value
+                    elif value.strip():
+                        self.tail.append(value)
+                    self._version += 1
+        finally:
+            rc = self.proc.wait()
+            if log is not None:
+                log.write(f"# exit code {rc}\n")
+                log.close()
+            with self._lock:
+                self.returncode = rc
+                self.finished = time.monotonic()
+                self._version += 1
+
+    @property
+    def done(self) -> bool:
+        return self.returncode is not None
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def state(self) -> str:
+        if not self.done:
+            return "running"
+        if self.cancelled:
+            return "cancelled"
+        return "succeeded" if self.returncode == 0 else "failed"
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            end = self.finished if self.finished is not None else time.monotonic()
+            return dict(
+                state=self.state(), stage=self.stage, fraction=round(self.fraction, 4), message=self.message,
+                checkpoint=self.checkpoint, returncode=self.returncode, elapsed_s=round(end - self.started, 2),
+                log_path=str(self.log_path or ""), output_tail=list(self.tail)[-5:],
+            )
+
+    def request_cancel(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM to the process group now; `enforce_cancel()` sends SIGKILL after timeout_s."""
+        if self.done:
+            return
+        self.cancelled = True
+        self._kill_at = time.monotonic() + timeout_s
+        self._signal(signal.SIGTERM)
+
+    def enforce_cancel(self) -> None:
+        if self.cancelled and not self.done and time.monotonic() >= getattr(self, "_kill_at", 0.0):
+            self._signal(signal.SIGKILL)
+
+    def _signal(self, sig) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def cancel(self, timeout_s: float = 10.0) -> None:
+        """Blocking stop (for shutdown): SIGTERM, SIGKILL after timeout_s."""
+        if self.done:
+            return
+        self.request_cancel(timeout_s)
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self.proc.wait(5.0)
+        self._thread.join(5.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Node
+# ---------------------------------------------------------------------------------------------
+class TrainerNode(Node):
+    PARAMS = {
+        "episodes_dir": P("episodes", "Episode store the training reads"),
+        "checkpoints_dir": P("checkpoints", "Checkpoint root (new checkpoints, `latest`)"),
+        "config": P("", "Training config YAML passed as --config (empty: left out)"),
+        "device": P("cpu", "Torch device for training (cpu, cuda, cuda:0 ...)"),
+        "command": P(DEFAULT_COMMAND, "Command run by ~/run_iteration; placeholders {python} {episodes} "
+                     "{checkpoints} {config} {device}", type=Parameter.Type.STRING_ARRAY),
+        "working_dir": P("", "Working directory of the command (empty: the node's)"),
+        "log_dir": P("", "Where the child's output is logged (empty: <checkpoints_dir>/logs)"),
+        "reload_service": P("/policy_node/reload", "std_srvs/Trigger called after a successful run "
+                            "(empty: no reload)"),
+        "reload_wait_s": P(30.0, "How long to wait for the reload service to appear", min=0.0),
+        "cancel_timeout_s": P(10.0, "SIGTERM -> SIGKILL grace for ~/cancel and shutdown", min=0.1),
+        "status_period_s": P(0.2, "How often the child's progress is checked", min=0.02, max=10.0,
+                             read_only=True),
+    }
+
+    def __init__(self, **kwargs):
+        super().__init__("trainer_node", **kwargs)
+        self.p = declare_params(self, self.PARAMS)
+        self.job: TrainingJob | None = None
+        self.run = 0
+        self._published_version = -1
+        self._final_handled = True
+        self._reload = {"reload": "", "reload_message": ""}
+        self._reload_deadline: float | None = None
+        self._reload_client = None
+        self._lock = threading.Lock()
+        self.status_pub = self.create_publisher(String, "~/status", LATCHED_QOS)
+        self.create_service(Trigger, "~/run_iteration", self._on_run)
+        self.create_service(Trigger, "~/cancel", self._on_cancel)
+        self.create_timer(self.p.status_period_s, self._on_tick)
+        self._publish()
+        self.get_logger().info("ready: call ~/run_iteration to train on "
+                               f"{self._param('episodes_dir')} -> {self._param('checkpoints_dir')}")
+
+    def _param(self, name):
+        return self.get_parameter(name).value
+
+    # status --------------------------------------------------------------------------------
+    def status(self) -> dict:
+        base = dict(state="idle", stage="", fraction=0.0, message="", checkpoint="", returncode=None,
+                    elapsed_s=0.0, log_path="", output_tail=[])
+        if self.job is not None:
+            base.update(self.job.snapshot())
+            base["command"] = self.job.command
+        base["run"] = self.run
+        base.update(self._reload)
+        return base
+
+    def _publish(self) -> None:
+        self.status_pub.publish(String(data=json.dumps(self.status())))
+
+    # services ------------------------------------------------------------------------------
+    def _on_run(self, _req, resp):
+        with self._lock:
+            if self.job is not None and not self.job.done:
+                s = self.job.snapshot()
+                resp.success = False
+                resp.message = (f"refused: run {self.run} is still in progress (stage '{s['stage']}', "
+                                f"{100 * s['fraction']:.0f}%, {s['elapsed_s']:.0f} s); ~/cancel stops it")
+                self.get_logger().warning(resp.message)
+                return resp
+            ckpt = self._param("checkpoints_dir")
+            values = dict(python=sys.executable, episodes=str(self._param("episodes_dir")),
+                          checkpoints=str(ckpt), config=str(self._param("config")),
+                          device=str(self._param("device")))
+            try:
+                command = build_command(list(self._param("command")), values)
+            except (KeyError, IndexError, ValueError) as exc:
+                resp.success, resp.message = False, f"bad command parameter: {exc}"
+                return resp
+            log_dir = Path(self._param("log_dir") or Path(ckpt) / "logs")
+            stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
+            try:
+                self.job = TrainingJob(command, log_path=log_dir / f"train_{stamp}_{self.run + 1}.log",
+                                       cwd=self._param("working_dir") or None)
+            except OSError as exc:
+                resp.success, resp.message = False, f"cannot start {command[0]!r}: {exc}"
+                self.get_logger().error(resp.message)
+                return resp
+            self.run += 1
+            self._final_handled = False
+            self._reload = {"reload": "", "reload_message": ""}
+        resp.success = True
+        resp.message = f"run {self.run} started (pid {self.job.proc.pid}); progress on ~/status"
+        self.get_logger().info(f"{resp.message}: {shlex.join(command)}")
+        self._publish()
+        return resp
+
+    def _on_cancel(self, _req, resp):
+        job = self.job
+        if job is None or job.done:
+            resp.success, resp.message = False, "nothing is running"
+            return resp
+        # SIGTERM lets the CLI stop cleanly; the timer sends SIGKILL after cancel_timeout_s
+        job.request_cancel(self._param("cancel_timeout_s"))
+        resp.success, resp.message = True, f"run {self.run}: cancelling (SIGTERM sent)"
+        self.get_logger().warning(resp.message)
+        return resp
+
+    # periodic ------------------------------------------------------------------------------
+    def _on_tick(self) -> None:
+        job = self.job
+        if job is not None:
+            job.enforce_cancel()
+        if job is not None and job.version != self._published_version:
+            self._published_version = job.version
+            self._publish()
+        if job is not None and job.done and not self._final_handled:
+            self._final_handled = True
+            self._finished(job)
+        if self._reload_deadline is not None:
+            self._try_reload()
+
+    def _finished(self, job: TrainingJob) -> None:
+        s = job.snapshot()
+        if s["state"] == "succeeded":
+            self.get_logger().info(f"run {self.run} succeeded in {s['elapsed_s']:.1f} s: "
+                                   f"checkpoint {s['checkpoint'] or '(none reported)'}")
+            service = self._param("reload_service")
+            if service:
+                self._reload = {"reload": "pending", "reload_message": f"waiting for {service}"}
+                self._reload_deadline = time.monotonic() + self._param("reload_wait_s")
+                if self._reload_client is None or self._reload_client.srv_name != service:
+                    if self._reload_client is not None:
+                        self.destroy_client(self._reload_client)
+                    self._reload_client = self.create_client(Trigger, service)
+                self._try_reload()
+            else:
+                self._reload = {"reload": "skipped", "reload_message": "reload_service is empty"}
+        else:
+            self.get_logger().error(
+                f"run {self.run} {s['state']} (exit code {s['returncode']}) after {s['elapsed_s']:.1f} s; "
+                f"log {s['log_path']}; last output: {' | '.join(s['output_tail'][-3:])}")
+        self._publish()
+
+    def _try_reload(self) -> None:
+        client = self._reload_client
+        if client.service_is_ready():
+            self._reload_deadline = None
+            future = client.call_async(Trigger.Request())
+            future.add_done_callback(self._on_reload_done)
+        elif time.monotonic() > self._reload_deadline:
+            self._reload_deadline = None
+            self._reload = {"reload": "failed",
+                            "reload_message": f"{client.srv_name} not available: restart the policy to use "
+                                              "the new checkpoint"}
+            self.get_logger().error(self._reload["reload_message"])
+            self._publish()
+
+    def _on_reload_done(self, future) -> None:
+        try:
+            result = future.result()
+            ok, msg = bool(result.success), result.message
+        except Exception as exc:  # noqa: BLE001 - any service failure is reported, not raised
+            ok, msg = False, str(exc)
+        self._reload = {"reload": "ok" if ok else "failed", "reload_message": msg}
+        (self.get_logger().info if ok else self.get_logger().error)(f"policy reload: {msg}")
+        self._publish()
+
+    def destroy_node(self):
+        if self.job is not None and not self.job.done:
+            self.get_logger().warning(f"shutting down: stopping training run {self.run}")
+            self.job.cancel(self._param("cancel_timeout_s"))
+        return super().destroy_node()
+
+
+def main(args=None):
+    return run_node(
+        TrainerNode, args, params=TrainerNode.PARAMS,
+        description="Run iRe-VLA training stages in a child process on request; reload the policy afterwards.",
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Hyperparameters: one dataclass per stage, all overridable from one YAML file in config/."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class EnvConfig:
+    image_size: int = 64
+    camera: str = "corner"
+    max_episode_steps: int = 150
+
+
+@dataclass
+class PolicyHParams:
+    head_width: int = 128
+    head_queries: int = 4
+    init_log_std: float = -1.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str | list[str] = "all-linear"
+    backbone: dict = field(default_factory=lambda: {"preset": "tiny", "hidden_size": 64, "num_layers": 2})
+
+
+@dataclass
+class CollectConfig:
+    episodes_per_task: int = 20
+    noise_std: float = 0.1
+    seed0: int = 0
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 1500
+    batch_size: int = 64
+    lr_head: float = 1e-3
+    lr_lora: float = 5e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    # Expected share of online (successful RL) steps in each batch in Stage 2; expert data fills the rest.
+    online_fraction: float = 0.5
+    augment_shift_px: int = 4  # random-shift augmentation (DrQ); 0 disables
+    eval_every: int = 0  # steps between in-training evaluations; 0 = only at the end
+    seed: int = 0
+
+
+@dataclass
+class PPOConfig:
+    """Stage 1: PPO on the action head (and a fresh critic) with the VLM frozen."""
+
+    total_env_steps: int = 16_384
+    num_envs: int = 8  # environments stepped in lock-step; the backbone runs once per step for all
+    rollout_len: int = 128  # steps per env per update -> batch = num_envs * rollout_len
+    update_epochs: int = 8
+    minibatch_size: int = 256
+    lr_actor: float = 1e-4
+    lr_critic: float = 1e-3
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    clip_coef: float = 0.2
+    ent_coef: float = 0.0
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    target_kl: float | None = 0.03
+    norm_adv: bool = True
+    reward: str = "sparse"  # "sparse": 1 on success (the paper); "dense": Metaworld's shaped reward
+    dense_reward_scale: float = 0.1
+    init_log_std: float = -1.0  # exploration noise (normalized action units) set at the start of Stage 1
+    critic_warmup_updates: int = 2  # value-only passes over the first batch: the critic starts fresh
+    freeze_backbone: bool = True  # False only for the ablation (full-model PPO)
+    keep_successful: bool = True  # write successful rollouts to the episode store for Stage 2
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    episodes_per_task: int = 20
+    seed_offset: int = 10_000  # held-out placements: training uses seeds below this
+    videos: bool = True
+
+
+@dataclass
+class IterateConfig:
+    tasks: list[str] = field(default_factory=lambda: ["button-press-topdown-v3", "drawer-close-v3"])
+    iterations: int = 1
+    seed: int = 0
+    device: str = "auto"
+    torch_threads: int = 2
+    env: EnvConfig = field(default_factory=EnvConfig)
+    policy: PolicyHParams = field(default_factory=PolicyHParams)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    stage2_sft: SFTConfig | None = None  # defaults to `sft` when unset
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _build(cls, data: dict, where: str):
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(names)})")
+    kwargs = {}
+    for key, value in data.items():
+        default = getattr(cls(), key) if key != "stage2_sft" else SFTConfig()
+        if is_dataclass(default) and value is not None:
+            kwargs[key] = _build(type(default), value, f"{where}.{key}")
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_iterate_config(path: str | Path | None = None, overrides: dict | None = None) -> IterateConfig:
+    data = {}
+    if path is not None:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return _build(IterateConfig, data, str(path or "config"))
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'ppo.lr_actor=3e-4' -> ('ppo.lr_actor', 0.0003) (value parsed as YAML)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.sub=value")
+    key, value = text.split("=", 1)
+    return key.strip(), yaml.safe_load(value)

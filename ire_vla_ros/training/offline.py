@@ -1,0 +1,72 @@
+"""The robot's iRe-VLA iteration, run on recorded episodes (`ire-vla train offline`).
+
+What runs depends on what exists:
+- no checkpoint yet (none in the root, no --init): Stage 0 SFT on the teleop episodes;
+- a checkpoint and policy/rl episodes it has not consumed yet: Stage 1 PPO on those episodes
+  (VLM frozen, features computed once per frame), then Stage 2 SFT on teleop + all successful
+  online episodes; the new checkpoint's iteration is the old one + 1;
+- a checkpoint but no new online episodes: an error saying to record policy episodes first.
+
+The checkpoint's metadata lists the online episodes it consumed, so running twice never trains on
+the same rollouts twice.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..episodes.store import read_episode, scan_episodes
+from ..vla.checkpoint import CheckpointError, load_checkpoint, read_metadata, resolve_checkpoint, resolve_device, save_checkpoint
+from .config import IterateConfig
+from .stages import _noop, new_policy, stage0_sft, stage1_ppo_offline, stage2_sft
+
+log = logging.getLogger(__name__)
+
+
+class NothingToTrain(RuntimeError):
+    pass
+
+
+def _current_checkpoint(ckpt_root: Path, init: Path | None) -> Path | None:
+    try:
+        return resolve_checkpoint(ckpt_root)
+    except CheckpointError:
+        return resolve_checkpoint(init) if init is not None else None
+
+
+def run_offline_iteration(cfg: IterateConfig, episodes: Path, ckpt_root: Path, *, init: Path | None = None,
+                          report=_noop, progress: bool = False) -> Path:
+    device = resolve_device(cfg.device)
+    scan = scan_episodes(episodes)
+    for path, reason in scan.rejected:
+        log.warning("skipping %s: %s", path, reason)
+    expert = scan_episodes(episodes, sources=["teleop"]).episodes
+    if not expert:
+        raise NothingToTrain(f"no usable teleop episodes under {episodes}: record demonstrations first")
+    base = _current_checkpoint(Path(ckpt_root), init)
+    if base is None:
+        report("stage0", 0.0, f"Stage 0 SFT on {len(expert)} teleop episodes")
+        first = read_episode(expert[0], load_images=False)
+        policy = new_policy(cfg, first.action_spec, first.joint_names, device)
+        stats = stage0_sft(policy, expert, cfg.sft, progress=progress)
+        report("stage0", 1.0, f"Stage 0 done, loss {stats['loss_last']:.4f}")
+        return save_checkpoint(policy, ckpt_root, stage="sft", iteration=0,
+                               metadata={"train": stats, "expert": [str(p) for p in expert], "consumed_online": []})
+
+    meta = read_metadata(base)
+    consumed = set(meta.get("consumed_online", []))
+    online_all = scan_episodes(episodes, sources=["policy", "rl"]).episodes
+    new_online = [p for p in online_all if str(p) not in consumed]
+    if not new_online:
+        raise NothingToTrain(f"checkpoint {base.name} has consumed every policy episode: record new policy episodes first")
+    policy = load_checkpoint(base, device=device)
+    iteration = int(meta.get("iteration", 0)) + 1
+    report("stage1", 0.0, f"Stage 1 PPO on {len(new_online)} new policy episodes (VLM frozen)")
+    s1 = stage1_ppo_offline(policy, new_online, cfg.ppo, report=report)
+    successful = scan_episodes(episodes, sources=["policy", "rl"], successful_only=True).episodes
+    report("stage2", 0.0, f"Stage 2 SFT on {len(expert)} teleop + {len(successful)} successful online episodes")
+    s2 = stage2_sft(policy, expert, successful, cfg.stage2_sft or cfg.sft, progress=progress)
+    report("stage2", 1.0, f"Stage 2 done, loss {s2['loss_last']:.4f}")
+    return save_checkpoint(policy, ckpt_root, stage="sft", iteration=iteration,
+                           metadata={"stage1": s1, "stage2": s2, "parent": str(base), "expert": [str(p) for p in expert],
+                                     "consumed_online": sorted(consumed | {str(p) for p in new_online})})

@@ -1,0 +1,213 @@
+"""The vision-language backbone: a Hugging Face VLM whose last hidden states feed the action head.
+
+Two ways to get one, chosen by `BackboneConfig`:
+- `path`: a local directory holding a pretrained HF VLM (BLIP-2 by default, as in the paper), loaded
+  with `from_pretrained(..., local_files_only=True)`; any HF image-text model whose forward returns
+  hidden states can be swapped in by naming its class (`model_class`).
+- `preset: tiny`: the same BLIP-2 classes built from a small config with random init, for CPU runs
+  and tests. Its base weights are saved inside every checkpoint, so a tiny model reloads exactly.
+
+Nothing here downloads: a missing local path is an error, never a hub request.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+# CLIP statistics, what BLIP-2's image processor uses.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class BackboneConfig:
+    preset: str | None = "tiny"  # "tiny" or None (then `path` is required)
+    path: str | None = None  # local directory of a pretrained HF VLM
+    model_class: str = "Blip2ForConditionalGeneration"
+    image_size: int = 64  # tiny preset only; a pretrained model's processor decides its own
+    hidden_size: int = 64  # tiny preset
+    num_layers: int = 2  # tiny preset, per tower
+    num_query_tokens: int = 8  # tiny preset
+    max_text_tokens: int = 16
+    torch_dtype: str = "float32"
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BackboneConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+_WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
+
+
+class WordTokenizer:
+    """Word-level tokenizer for the tiny preset (a pretrained model brings its own).
+
+    The vocabulary is fixed at construction and saved with the checkpoint; unknown words map to
+    <unk>, so any instruction can be encoded.
+    """
+
+    SPECIALS = ("<pad>", "<unk>", "<bos>", "<image>")
+
+    def __init__(self, vocab: list[str]):
+        self.vocab = list(vocab)
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        for s in self.SPECIALS:
+            if s not in self.index:
+                raise ValueError(f"vocabulary lacks special token {s}")
+        self.pad_id = self.index["<pad>"]
+        self.unk_id = self.index["<unk>"]
+        self.bos_id = self.index["<bos>"]
+        self.image_id = self.index["<image>"]
+
+    @classmethod
+    def build(cls, texts: list[str], size: int = 512) -> "WordTokenizer":
+        words: list[str] = []
+        for t in texts:
+            for w in _WORD.findall(t.lower()):
+                if w not in words:
+                    words.append(w)
+        vocab = list(cls.SPECIALS) + words
+        vocab += [f"<unused{i}>" for i in range(max(0, size - len(vocab)))]
+        return cls(vocab[: max(size, len(vocab))])
+
+    def encode(self, text: str, max_len: int) -> list[int]:
+        ids = [self.bos_id] + [self.index.get(w, self.unk_id) for w in _WORD.findall(text.lower())]
+        return ids[:max_len]
+
+    def to_json(self) -> str:
+        return json.dumps({"vocab": self.vocab})
+
+    @classmethod
+    def from_json(cls, s: str) -> "WordTokenizer":
+        return cls(json.loads(s)["vocab"])
+
+
+# Words of the instructions the package knows about; more can be added, unknown ones become <unk>.
+BASE_VOCAB_TEXT = [
+    "press the button from the top", "push the button", "open the drawer", "close the drawer",
+    "open the door", "close the door", "open the window", "close the window", "reach the goal",
+    "pick up the object and place it at the goal", "slide the plate", "turn the faucet",
+    "press the handle down", "push the puck to the goal", "pull the lever", "put the block in the box",
+    "move left right up down forward backward toward away grasp release red blue green",
+]
+
+
+def resize_rgb(image: np.ndarray, size: int) -> np.ndarray:
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+# ----------------------------------------------------------------------------- backbone
+class VLMBackbone(nn.Module):
+    """Wraps an HF VLM: (images, instructions) -> last hidden states (B, m, d) and their mask."""
+
+    def __init__(self, cfg: BackboneConfig, model: nn.Module, tokenizer=None, processor=None):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer  # tiny preset
+        self.processor = processor  # pretrained model
+        text_cfg = getattr(model.config, "text_config", model.config)
+        self.hidden_size = int(text_cfg.hidden_size)
+        if processor is None:
+            self.image_size = cfg.image_size
+            self.image_mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+            self.image_std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+            self.num_image_tokens = int(model.config.num_query_tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prepare(self, images: np.ndarray | list[np.ndarray], instructions: list[str]) -> dict:
+        """uint8 RGB images (B,H,W,3) + strings -> model inputs on the backbone's device."""
+        if self.processor is not None:
+            inputs = self.processor(
+                images=list(images), text=list(instructions), return_tensors="pt", padding=True
+            )
+            return {k: v.to(self.device) for k, v in inputs.items()}
+        batch = np.stack([resize_rgb(np.asarray(im), self.image_size) for im in images])
+        pixels = torch.from_numpy(batch).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        pixels = (pixels - self.image_mean.to(self.device)) / self.image_std.to(self.device)
+        max_len = self.cfg.max_text_tokens
+        ids = torch.full((len(instructions), self.num_image_tokens + max_len), self.tokenizer.pad_id)
+        mask = torch.zeros_like(ids)
+        for i, text in enumerate(instructions):
+            toks = [self.tokenizer.image_id] * self.num_image_tokens + self.tokenizer.encode(text, max_len)
+            ids[i, : len(toks)] = torch.tensor(toks)
+            mask[i, : len(toks)] = 1
+        return {"pixel_values": pixels, "input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def forward(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(**inputs, output_hidden_states=True, return_dict=True)
+        lm_out = getattr(out, "language_model_outputs", None)
+        hidden_states = lm_out.hidden_states if lm_out is not None else out.hidden_states
+        hidden = hidden_states[-1]
+        mask = inputs.get("attention_mask")
+        if mask is None or mask.shape[1] != hidden.shape[1]:
+            mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        return hidden, mask
+
+
+def tiny_blip2_config(cfg: BackboneConfig, vocab_size: int):
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
+
+    h = cfg.hidden_size
+    vision = Blip2VisionConfig(
+        hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=4, image_size=cfg.image_size, patch_size=8,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=4, encoder_hidden_size=h, vocab_size=vocab_size,
+    )
+    text = OPTConfig(
+        hidden_size=h, ffn_dim=2 * h, num_hidden_layers=cfg.num_layers, num_attention_heads=4,
+        vocab_size=vocab_size, word_embed_proj_dim=h, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=2, eos_token_id=2,
+    )
+    return Blip2Config(
+        vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
+        num_query_tokens=cfg.num_query_tokens, image_token_index=3,  # WordTokenizer's <image>
+    )
+
+
+def build_backbone(cfg: BackboneConfig, tokenizer_json: str | None = None) -> VLMBackbone:
+    """Builds the model structure (tiny preset: random init; pretrained: weights from `path`)."""
+    import transformers
+
+    if cfg.preset == "tiny":
+        tokenizer = WordTokenizer.from_json(tokenizer_json) if tokenizer_json else WordTokenizer.build(BASE_VOCAB_TEXT)
+        torch.manual_seed(cfg.seed)
+        model = transformers.Blip2ForConditionalGeneration(tiny_blip2_config(cfg, len(tokenizer.vocab)))
+        return VLMBackbone(cfg, model, tokenizer=tokenizer)
+    if cfg.preset is not None:
+        raise ValueError(f"unknown backbone preset {cfg.preset!r} (known: 'tiny', or null with a path)")
+    if not cfg.path:
+        raise ValueError("backbone.path is required when backbone.preset is null")
+    path = Path(cfg.path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"backbone.path {path} holds no HF model (config.json missing); weights are never downloaded "
+            "at run time: put the pretrained VLM there first (e.g. huggingface-cli download on a machine "
+            "with internet, then copy the directory)"
+        )
+    model_cls = getattr(transformers, cfg.model_class)
+    model = model_cls.from_pretrained(path, local_files_only=True, dtype=getattr(torch, cfg.torch_dtype))
+    processor = transformers.AutoProcessor.from_pretrained(path, local_files_only=True)
+    return VLMBackbone(cfg, model, processor=processor)

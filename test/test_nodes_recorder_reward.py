@@ -1,0 +1,410 @@
+"""recorder_node + reward_node: real nodes exchanging real messages on one executor.
+
+The probe node plays the camera driver, the joint-state publisher, the policy's action stream and
+the simulator's success/reward topics (the hardware / other nodes), on the real topics with the
+real message types and QoS. Plain-logic classes are tested without ROS first.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rclpy
+from rclpy.context import Context
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Bool, Float32, String
+from std_srvs.srv import SetBool, Trigger
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+
+from ire_vla_ros.episodes.store import EpisodeWriter, read_episode, scan_episodes
+from ire_vla_ros.nodes.recorder_node import (
+    EpisodeRecorder,
+    RecorderNode,
+    StampBuffer,
+    Step,
+    resolve_action_spec,
+    select_joints,
+    split_action,
+)
+from ire_vla_ros.nodes.reward_node import EpisodeJudge, RewardNode
+from ire_vla_ros.nodes.ros_common import LATCHED_QOS, RELIABLE_QOS, SENSOR_QOS
+from ire_vla_ros.robot.image_codec import encode_rgb
+from ire_vla_ros.vla.action_spec import EE_DELTA_7D, METAWORLD_4D
+
+JOINTS = ["j1", "j2", "j3"]
+ACTION_NAMES = list(METAWORLD_4D.names)
+
+
+# =============================================================================================
+# plain logic
+# =============================================================================================
+def test_stamp_buffer_exact_then_not_after_then_newest():
+    b = StampBuffer(5)
+    assert b.lookup(10) == (None, False)
+    for t in (10, 20, 30):
+        b.add(t, f"m{t}")
+    assert b.lookup(20) == ("m20", True)
+    assert b.lookup(25) == ("m20", False)
+    assert b.lookup(5) == ("m30", False)  # older than everything: newest
+    for t in range(40, 100, 10):
+        b.add(t, f"m{t}")
+    assert len(b) == 5 and b.lookup(10) == ("m90", False)
+
+
+def test_split_action_and_specs():
+    names, a, lp, v = split_action(ACTION_NAMES + ["log_prob", "value"], [0.1, 0.2, 0.3, -1, -2.5, 0.7])
+    assert names == ACTION_NAMES and a.dtype == np.float32 and lp == -2.5 and v == pytest.approx(0.7)
+    assert split_action(ACTION_NAMES, [0, 0, 0, 1])[2:] == (None, None)
+    with pytest.raises(ValueError):
+        split_action(["dx"], [1.0, 2.0])
+    assert resolve_action_spec("auto", ACTION_NAMES) is METAWORLD_4D
+    assert resolve_action_spec("auto", list(EE_DELTA_7D.names)) is EE_DELTA_7D
+    assert resolve_action_spec("auto", ["a", "b"]).dim == 2
+    with pytest.raises(ValueError):
+        resolve_action_spec("ee_delta_7d", ACTION_NAMES)
+    assert select_joints(["b", "a"], [2.0, 1.0], ["a", "b"]).tolist() == [1.0, 2.0]
+    with pytest.raises(KeyError):
+        select_joints(["a"], [1.0], ["a", "z"])
+
+
+def test_episode_judge_backends():
+    j = EpisodeJudge("sim", max_steps=5)
+    assert j.on_step(0.0) == (None, None)  # not started
+    j.start(0.0)
+    assert j.on_sim_success(True) is None  # before the first step: stale message of the last episode
+    assert j.on_step(0.1) == (None, None)  # sim: rewards come per simulator step
+    assert j.on_sim_reward(2.0) == 0.0     # sparse
+    end = j.on_sim_success(True)
+    assert end.success and end.final_reward == 1.0 and not j.active
+    j.start(1.0)
+    for _ in range(4):
+        assert j.on_step(1.1)[1] is None
+    end = j.on_step(1.2)[1]
+    assert end is not None and not end.success and "step limit" in end.reason
+
+    d = EpisodeJudge("sim", reward_mode="dense")
+    d.start(0.0)
+    assert d.on_sim_reward(3.5) == 3.5
+    h0 = EpisodeJudge("timeout")
+    h0.start(0.0)
+    assert h0.on_step(0.0) == (0.0, None)
+
+    h = EpisodeJudge("human", max_duration_s=2.0)
+    h.start(0.0)
+    assert h.on_sim_success(True) is None  # sim success ignored by the human backend
+    assert h.check_timeout(1.0) is None
+    assert h.mark(True).success
+    assert h.mark(True) is None  # already ended
+    h.start(10.0)
+    end = h.check_timeout(12.5)
+    assert end is not None and not end.success
+
+    with pytest.raises(ValueError):
+        EpisodeJudge("oracle")
+
+
+def _writer_factory(root):
+    def make(meta):
+        return EpisodeWriter(root, **meta)
+    return make
+
+
+def _meta():
+    return dict(instruction="press the button", task="button", source="teleop", action_spec=METAWORLD_4D,
+                joint_names=JOINTS, camera_names=("main",), iteration=2)
+
+
+def test_episode_recorder_thread_writes_and_counts_drops(tmp_path):
+    results = []
+    gate = threading.Event()
+
+    class GatedWriter(EpisodeWriter):  # the real writer, held back to fill the queue deterministically
+        def append(self, **kw):
+            gate.wait(5.0)
+            return super().append(**kw)
+
+    rec = EpisodeRecorder(lambda meta: GatedWriter(tmp_path, **meta), max_queue=3,
+                          on_result=lambda k, v: results.append((k, v)))
+    rec.begin(_meta())
+    img = np.zeros((8, 8, 3), np.uint8)
+    accepted = sum(rec.add_step(Step(image=img, joint_positions=np.zeros(3, np.float32),
+                                     action=np.zeros(4, np.float32), timestamp=float(i), reward=0.5))
+                   for i in range(10))
+    assert accepted < 10 and rec.stats.steps_dropped == 10 - accepted
+    gate.set()
+    rec.end(True)
+    assert rec.flush(10.0)
+    assert results and results[-1][0] == "saved"
+    ep = read_episode(results[-1][1])
+    assert ep.n_steps == accepted == rec.stats.steps_written and ep.success and ep.iteration == 2
+    rec.begin(_meta())
+    rec.add_step(Step(image=img, joint_positions=np.zeros(3, np.float32), action=np.zeros(4, np.float32),
+                      timestamp=0.0))
+    rec.close()  # an unfinished episode is discarded, not left half-written
+    assert results[-1][0] == "discarded"
+    assert not list(tmp_path.glob("*.partial"))
+
+
+# =============================================================================================
+# ROS harness
+# =============================================================================================
+class Harness:
+    """A context, a MultiThreadedExecutor spinning in a thread, and a probe node."""
+
+    def __init__(self, domain_id: int):
+        self.ctx = Context()
+        rclpy.init(context=self.ctx, domain_id=domain_id)
+        self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
+        self.probe = Node("probe", context=self.ctx)
+        self.executor.add_node(self.probe)
+        self.nodes = [self.probe]
+        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.thread.start()
+
+    def add(self, node_cls, **params):
+        node = node_cls(context=self.ctx, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
+        self.nodes.append(node)
+        self.executor.add_node(node)
+        return node
+
+    def call(self, srv_type, name, request=None, timeout=10.0):
+        client = self.probe.create_client(srv_type, name)
+        assert client.wait_for_service(timeout_sec=timeout), f"{name} not available"
+        done = threading.Event()
+        future = client.call_async(request or srv_type.Request())
+        future.add_done_callback(lambda _f: done.set())
+        assert done.wait(timeout), f"{name} did not answer"
+        self.probe.destroy_client(client)
+        return future.result()
+
+    def collect(self, msg_type, topic, qos=RELIABLE_QOS):
+        got = []
+        self.probe.create_subscription(msg_type, topic, got.append, qos)
+        return got
+
+    def close(self):
+        self.executor.shutdown()
+        for n in reversed(self.nodes):
+            n.destroy_node()
+        rclpy.shutdown(context=self.ctx)
+
+
+def wait_for(pred, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_matched(pub, n=1, timeout=10.0):
+    wait_for(lambda: pub.get_subscription_count() >= n, timeout, f"a subscriber on {pub.topic_name}")
+
+
+@pytest.fixture
+def ros(ros_domain_id):
+    h = Harness(ros_domain_id)
+    yield h
+    h.close()
+
+
+class FakeRobot:
+    """Publishes what a camera driver / joint-state publisher / policy / simulator would."""
+
+    def __init__(self, h: Harness, action_topic="/policy_node/action", size=8):
+        p = h.probe
+        self.probe = p
+        self.size = size
+        self.image = p.create_publisher(Image, "/camera/image_raw", SENSOR_QOS)
+        self.joints = p.create_publisher(JointState, "/joint_states", SENSOR_QOS)
+        self.action = p.create_publisher(JointState, action_topic, RELIABLE_QOS)
+        self.instruction = p.create_publisher(String, "/policy_node/instruction", LATCHED_QOS)
+        self.sim_success = p.create_publisher(Bool, "/sim_node/success", RELIABLE_QOS)
+        self.sim_reward = p.create_publisher(Float32, "/sim_node/reward", RELIABLE_QOS)
+        self.t0 = p.get_clock().now().nanoseconds
+
+    def stamp(self, k):
+        from builtin_interfaces.msg import Time
+
+        ns = self.t0 + k * 100_000_000
+        return Time(sec=ns // 10**9, nanosec=ns % 10**9)
+
+    def observe(self, k):
+        img = np.full((self.size, self.size, 3), k % 256, np.uint8)
+        msg = Image(**encode_rgb(img))
+        msg.header.stamp = self.stamp(k)
+        js = JointState(name=JOINTS, position=[float(k), 0.5, -0.5])
+        js.header.stamp = self.stamp(k)
+        self.joints.publish(js)
+        self.image.publish(msg)
+
+    def act(self, k, policy=True):
+        js = JointState()
+        js.header.stamp = self.stamp(k)
+        js.name = ACTION_NAMES + (["log_prob", "value"] if policy else [])
+        js.position = [k / 100, 0.0, -k / 100, 1.0] + ([-1.0 - k, 0.1 * k] if policy else [])
+        self.action.publish(js)
+
+
+def start_episode(h, status):
+    resp = h.call(Trigger, "/recorder_node/start_episode")
+    assert resp.success, resp.message
+    wait_for(lambda: status and json.loads(status[-1].data)["state"] == "recording", 10, "recording state")
+
+
+# =============================================================================================
+# ROS tests
+# =============================================================================================
+def test_policy_episode_sim_success_pairs_by_stamp(ros, tmp_path):
+    ros.add(RewardNode, backend="sim", max_episode_steps=100)
+    ros.add(RecorderNode, episodes_dir=str(tmp_path), source="policy", iteration=3, task="button-press",
+            start_services=["/reward_node/start_episode"])
+    robot = FakeRobot(ros)
+    saved = ros.collect(String, "/recorder_node/episode_saved")
+    status = ros.collect(String, "/recorder_node/status", LATCHED_QOS)
+    ends = ros.collect(Bool, "/reward_node/episode_end")
+    robot.instruction.publish(String(data="press the button"))
+    for pub in (robot.image, robot.joints, robot.action, robot.sim_success, robot.sim_reward):
+        wait_matched(pub)
+    start_episode(ros, status)
+
+    # The "policy" lags one observation behind: action k arrives after image k+1 was published.
+    n = 6
+    robot.observe(0)
+    time.sleep(0.05)
+    for k in range(n):
+        robot.observe(k + 1)
+        robot.sim_reward.publish(Float32(data=0.5))
+        robot.sim_success.publish(Bool(data=False))
+        time.sleep(0.03)
+        robot.act(k)
+        time.sleep(0.03)
+    robot.sim_success.publish(Bool(data=True))
+    wait_for(lambda: saved, 10, "episode saved")
+    assert [e.data for e in ends] == [True]
+
+    ep = read_episode(saved[0].data)
+    assert ep.success and ep.source == "policy" and ep.iteration == 3 and ep.task == "button-press"
+    assert ep.instruction == "press the button" and ep.joint_names == JOINTS
+    assert ep.n_steps == n
+    # each action is paired with the image and joints of its own stamp, not the newest ones
+    assert [int(img[0, 0, 0]) for img in ep.images["main"]] == list(range(n))
+    assert ep.joint_positions[:, 0].tolist() == list(range(n))
+    np.testing.assert_allclose(ep.actions[:, 0], np.arange(n) / 100, atol=1e-6)
+    np.testing.assert_allclose(ep.log_probs, -1.0 - np.arange(n))
+    np.testing.assert_allclose(ep.values, 0.1 * np.arange(n), atol=1e-6)
+    # sparse reward: 0 per step, 1 on the last (successful) step
+    assert ep.rewards.tolist() == [0.0] * (n - 1) + [1.0]
+    st = json.loads(status[-1].data)
+    assert st["exact_image_steps"] == n and st["steps_dropped"] == 0 and st["state"] == "idle"
+
+
+def test_teleop_source_human_label_and_abort(ros, tmp_path):
+    ros.add(RewardNode, backend="human", max_episode_steps=0, action_topic="/teleop_node/action")
+    ros.add(RecorderNode, episodes_dir=str(tmp_path), source="teleop", action_topic="/teleop_node/action",
+            instruction="open the drawer", instruction_topic="/unused/instruction")
+    robot = FakeRobot(ros, action_topic="/teleop_node/action")
+    saved = ros.collect(String, "/recorder_node/episode_saved")
+    status = ros.collect(String, "/recorder_node/status", LATCHED_QOS)
+    for pub in (robot.image, robot.joints, robot.action):
+        wait_matched(pub)
+
+    # 1) operator labels the episode a failure through reward_node
+    start_episode(ros, status)
+    for k in range(4):
+        robot.observe(k)
+        time.sleep(0.02)
+        robot.act(k, policy=False)
+        time.sleep(0.02)
+    resp = ros.call(SetBool, "/reward_node/mark_success", SetBool.Request(data=False))
+    assert resp.success, resp.message
+    wait_for(lambda: len(saved) == 1, 10, "first episode saved")
+    ep = read_episode(saved[0].data)
+    assert not ep.success and ep.n_steps == 4 and ep.source == "teleop" and ep.log_probs is None
+    assert ep.instruction == "open the drawer" and ep.task == "open the drawer"
+
+    # 2) stop through the recorder's own labeled stop
+    start_episode(ros, status)
+    for k in range(3):
+        robot.observe(k)
+        time.sleep(0.02)
+        robot.act(k, policy=False)
+        time.sleep(0.02)
+    time.sleep(0.1)
+    resp = ros.call(SetBool, "/recorder_node/stop_episode_labeled", SetBool.Request(data=True))
+    assert resp.success, resp.message
+    wait_for(lambda: len(saved) == 2, 10, "second episode saved")
+    assert read_episode(saved[1].data).success
+
+    # 3) abort: nothing is kept
+    start_episode(ros, status)
+    robot.observe(0)
+    time.sleep(0.02)
+    robot.act(0, policy=False)
+    time.sleep(0.1)
+    assert ros.call(Trigger, "/recorder_node/abort_episode").success
+    assert not ros.call(Trigger, "/recorder_node/stop_episode").success  # nothing to stop
+    wait_for(lambda: json.loads(status[-1].data)["episodes_discarded"] == 1, 10, "discard")
+    assert len(scan_episodes(tmp_path).episodes) == 2
+    assert not list(Path(tmp_path).glob("*.partial"))
+
+
+def test_timeout_backend_and_refused_start(ros, tmp_path):
+    ros.add(RewardNode, backend="timeout", max_episode_steps=3)
+    ros.add(RecorderNode, episodes_dir=str(tmp_path), instruction="reach",
+            start_services=["/reward_node/start_episode", "/no_such_node/reset"])
+    resp = ros.call(Trigger, "/recorder_node/start_episode")
+    assert not resp.success and "/no_such_node/reset" in resp.message
+
+    rewards = ros.collect(Float32, "/reward_node/reward")
+    ends = ros.collect(Bool, "/reward_node/episode_end")
+    robot = FakeRobot(ros)
+    wait_matched(robot.action, 2)
+    assert ros.call(Trigger, "/reward_node/start_episode").success
+    for k in range(5):
+        robot.act(k)
+        time.sleep(0.05)
+    wait_for(lambda: ends, 5, "episode end")
+    time.sleep(0.2)
+    assert [e.data for e in ends] == [False]  # once, a failure, at the 3rd step
+    assert [r.data for r in rewards] == [0.0, 0.0, 0.0]
+    assert not ros.call(SetBool, "/reward_node/mark_success", SetBool.Request(data=True)).success
+
+
+def test_full_queue_drops_are_counted_and_reported(ros, tmp_path):
+    ros.add(RecorderNode, episodes_dir=str(tmp_path), instruction="reach", start_services=[""],
+            max_queue=2, compression="gzip")
+    robot = FakeRobot(ros, size=480)
+    saved = ros.collect(String, "/recorder_node/episode_saved")
+    status = ros.collect(String, "/recorder_node/status", LATCHED_QOS)
+    diags = ros.collect(DiagnosticArray, "/diagnostics", 10)
+    for pub in (robot.image, robot.joints, robot.action):
+        wait_matched(pub)
+    start_episode(ros, status)
+    rng = np.random.default_rng(0)
+    img = Image(**encode_rgb(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)))  # incompressible
+    img.header.stamp = robot.stamp(0)
+    robot.image.publish(img)
+    robot.joints.publish(JointState(header=img.header, name=JOINTS, position=[0.0, 0.0, 0.0]))
+    time.sleep(0.2)
+    for k in range(60):
+        robot.act(0)
+        time.sleep(0.002)
+    time.sleep(0.3)
+    assert ros.call(Trigger, "/recorder_node/stop_episode").success
+    wait_for(lambda: saved, 30, "episode saved")
+    wait_for(lambda: json.loads(status[-1].data)["queue_depth"] == 0, 10, "status update")
+    st = json.loads(status[-1].data)
+    assert st["steps_dropped"] > 0
+    assert st["steps_written"] + st["steps_dropped"] + st["step_errors"] == st["episode_steps"]
+    assert read_episode(saved[0].data, load_images=False).n_steps == st["steps_written"]
+    wait_for(lambda: any(s.level == DiagnosticStatus.WARN and "dropped" in s.message
+                         for d in diags for s in d.status), 5, "a WARN diagnostic about drops")
