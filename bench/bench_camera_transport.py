@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Camera transport across two processes: 640x480 rgb8 at 30 Hz, best effort, with and without
-config/fastdds_shm.xml (Fast DDS SHM segment 16 MB, via FASTDDS_DEFAULT_PROFILES_FILE).
+config/fastdds_shm.xml (Fast DDS SHM segment 16 MB). The profile is set through both
+FASTRTPS_DEFAULT_PROFILES_FILE (the only name Fast DDS 2.14, i.e. Jazzy, reads) and
+FASTDDS_DEFAULT_PROFILES_FILE (Fast DDS 3.x).
 
 Starts a publisher process and a subscriber process per configuration (each on its own
 ROS_DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST) and reports the received rate, the
@@ -123,10 +125,12 @@ def _tx_bytes_off_loopback() -> int:
 def run_config(name: str, cfg: dict, args, domain: int) -> dict:
     env = {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": str(domain),
            "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    env.pop("FASTDDS_DEFAULT_PROFILES_FILE", None)
-    env.pop("RMW_FASTRTPS_USE_QOS_FROM_XML", None)
+    for var in ("FASTDDS_DEFAULT_PROFILES_FILE", "FASTRTPS_DEFAULT_PROFILES_FILE", "RMW_FASTRTPS_USE_QOS_FROM_XML",
+                "FASTDDS_BUILTIN_TRANSPORTS"):
+        env.pop(var, None)
     if cfg["profile"]:
-        env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(PROFILE)
+        # Fast DDS 2.x (Jazzy) reads FASTRTPS_DEFAULT_PROFILES_FILE; 3.x (Kilted+) FASTDDS_DEFAULT_PROFILES_FILE
+        env["FASTRTPS_DEFAULT_PROFILES_FILE"] = env["FASTDDS_DEFAULT_PROFILES_FILE"] = str(PROFILE)
     common = ["--width", str(args.width), "--height", str(args.height), "--rate", str(args.rate)]
     if cfg["reliable"]:
         common.append("--reliable")
@@ -186,6 +190,8 @@ def main(argv=None) -> int:
         "image": f"{args.width}x{args.height} rgb8 ({args.width * args.height * 3} bytes)",
         "target_hz": args.rate, "seconds": args.seconds, "cpu_count": os.cpu_count(),
         "rmw": os.environ.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp (default)"),
+        "discovery_range": "LOCALHOST",
+        "profile_env": ["FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE"],
         "loadavg_at_end": os.getloadavg(), "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
 """trainer_node: runs the next iRe-VLA stage(s) in a separate process and hot-reloads the policy.
 
 `~/run_iteration` (std_srvs/Trigger) starts `command` (default
-`python -m ire_vla_ros.cli train offline --episodes DIR --checkpoints DIR --config YAML --device DEV`)
+`python -m ire_vla_ros.cli train offline --episodes DIR --checkpoints DIR --config YAML --device DEV
+--no-progress` + `extra_args`)
 as a child process and returns at once. The node stays responsive while it runs:
 
 * every `PROGRESS {"stage": ..., "fraction": ..., "message": ...}` line of the child's stdout
@@ -42,7 +43,7 @@ from ire_vla_ros.nodes.ros_common import LATCHED_QOS, P, declare_params, run_nod
 DEFAULT_COMMAND = [
     "{python}", "-m", "ire_vla_ros.cli", "train", "offline",
     "--episodes", "{episodes}", "--checkpoints", "{checkpoints}",
-    "--config", "{config}", "--device", "{device}",
+    "--config", "{config}", "--device", "{device}", "--no-progress",
 ]
 
 
@@ -206,6 +207,8 @@ class TrainerNode(Node):
         "device": P("cpu", "Torch device for training (cpu, cuda, cuda:0 ...)"),
         "command": P(DEFAULT_COMMAND, "Command run by ~/run_iteration; placeholders {python} {episodes} "
                      "{checkpoints} {config} {device}", type=Parameter.Type.STRING_ARRAY),
+        "extra_args": P([], "Arguments appended to the command (e.g. [--set, sft.steps=500])",
+                         type=Parameter.Type.STRING_ARRAY),
         "working_dir": P("", "Working directory of the command (empty: the node's)"),
         "log_dir": P("", "Where the child's output is logged (empty: <checkpoints_dir>/logs)"),
         "reload_service": P("/policy_node/reload", "std_srvs/Trigger called after a successful run "
@@ -267,7 +270,7 @@ class TrainerNode(Node):
                           checkpoints=str(ckpt), config=str(self._param("config")),
                           device=str(self._param("device")))
             try:
-                command = build_command(list(self._param("command")), values)
+                command = build_command(list(self._param("command")), values) + list(self._param("extra_args") or [])
             except (KeyError, IndexError, ValueError) as exc:
                 resp.success, resp.message = False, f"bad command parameter: {exc}"
                 return resp

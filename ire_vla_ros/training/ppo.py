@@ -92,17 +92,24 @@ def make_ppo_optimizer(policy: VLAPolicy, cfg: PPOConfig) -> torch.optim.Optimiz
     return torch.optim.Adam(groups, eps=1e-5)
 
 
-def _features(policy: VLAPolicy, batch: FrozenFeatureCache, t_idx, n_idx, frozen: bool):
-    if frozen:
+def _features(policy: VLAPolicy, batch: FrozenFeatureCache, t_idx, n_idx, frozen: bool, recompute: bool = False):
+    if frozen and not recompute:
         return batch.hidden[t_idx, n_idx], batch.mask[t_idx, n_idx]
+    if frozen:  # same numbers as the cache, paid again: only bench/bench_ppo_feature_cache.py does this
+        with torch.no_grad():
+            return _features(policy, batch, t_idx, n_idx, False)
     images = batch.images[t_idx.cpu().numpy(), n_idx.cpu().numpy()]
     texts = [batch.instructions[t][n] for t, n in zip(t_idx.tolist(), n_idx.tolist())]
     return policy.encode(images, texts)
 
 
 def ppo_update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: FrozenFeatureCache,
-               cfg: PPOConfig, *, value_only: bool = False) -> dict:
-    """PPO epochs over one batch. Returns the mean statistics of the last epoch run."""
+               cfg: PPOConfig, *, value_only: bool = False, recompute_features: bool = False) -> dict:
+    """PPO epochs over one batch. Returns the mean statistics of the last epoch run.
+
+    `recompute_features` re-runs the frozen backbone for every minibatch instead of reading the
+    cache; it exists only to measure what the cache saves.
+    """
     frozen = cfg.freeze_backbone
     if frozen:
         policy.freeze_backbone()
@@ -123,7 +130,7 @@ def ppo_update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Froze
         for start in range(0, total, cfg.minibatch_size):
             mb = perm[start:start + cfg.minibatch_size]
             t_idx, n_idx = t_all[mb].to(policy.device), n_all[mb].to(policy.device)
-            hidden, mask = _features(policy, batch, t_idx, n_idx, frozen)
+            hidden, mask = _features(policy, batch, t_idx, n_idx, frozen, recompute_features)
             state = batch.states[t_idx, n_idx]
             new_value = policy.value(hidden.detach() if frozen else hidden, mask, state)
             if value_only:

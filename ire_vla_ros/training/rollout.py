@@ -46,7 +46,8 @@ class RolloutCollector:
     """Steps N envs with the current (stochastic) policy and fills a FrozenFeatureCache."""
 
     def __init__(self, envs, cfg: PPOConfig, *, seed_start: int | None = None, episode_root: Path | None = None,
-                 iteration: int = 0):
+                 iteration: int = 0, keep_images: bool = False):
+        self.keep_images = keep_images or not cfg.freeze_backbone  # full-model PPO must re-encode
         self.envs = envs
         self.cfg = cfg
         # Training placements cycle below the held-out evaluation seeds, never into them.
@@ -65,7 +66,7 @@ class RolloutCollector:
 
     def collect(self, policy: VLAPolicy, steps_per_env: int) -> FrozenFeatureCache:
         cfg, n = self.cfg, len(self.envs)
-        keep_images = not cfg.freeze_backbone
+        keep_images = self.keep_images
         hidden, mask, states, actions, logps, values = [], [], [], [], [], []
         rewards = torch.zeros(steps_per_env, n)
         dones = torch.zeros(steps_per_env, n)

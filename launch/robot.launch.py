@@ -1,0 +1,73 @@
+"""Robot bring-up: policy, reward, recorder and trainer nodes next to the robot's own drivers.
+
+    ros2 launch ire_vla_ros robot.launch.py camera_topic:=/wrist_cam/color/image_raw
+
+Expects (see docs/ROBOT_SETUP.md): a camera (sensor_msgs/Image), /joint_states, the end-effector
+pose on /ee_pose (geometry_msgs/PoseStamped), MoveIt Servo (`servo_node`) and a gripper taking
+std_msgs/Float64 on /gripper/command. Topics that differ are remapped with the *_topic arguments.
+For keyboard demonstrations use teleop.launch.py. Same nodes, YAML and overrides as
+`ire-vla bringup robot`.
+"""
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+PACKAGE = "ire_vla_ros"
+
+# Equal to ire_vla_ros.nodes.bringup.MODE_OVERRIDES["robot"] (checked by test/test_launch_files.py).
+OVERRIDES = {
+    "teleop_node": {"mode": "keyboard", "action_spec": "ee_delta_7d"},
+    "reward_node": {"backend": "human", "max_episode_steps": 0, "max_episode_duration_s": 60.0},
+    "recorder_node": {"start_services": ["/reward_node/start_episode"]},
+}
+
+
+def generate_launch_description():
+    record = LaunchConfiguration("record")
+    episodes_dir = LaunchConfiguration("episodes_dir")
+    action_topic = PythonExpression(
+        ["'/teleop_node/action' if '", record, "' == 'teleop' else '/policy_node/action'"])
+    # the robot's drivers may use other names: remapped for the nodes that read them
+    sensor_remaps = [
+        ("/camera/image_raw", LaunchConfiguration("camera_topic")),
+        ("/joint_states", LaunchConfiguration("joint_states_topic")),
+        ("/ee_pose", LaunchConfiguration("ee_pose_topic")),
+    ]
+
+    def config(name):
+        return PathJoinSubstitution([FindPackageShare(PACKAGE), "config", name])
+
+    return LaunchDescription([
+        DeclareLaunchArgument("checkpoint", default_value="models/metaworld_tiny",
+                              description="policy checkpoint dir or root with `latest` (default: "
+                                          "config/policy_node.yaml's); point it at checkpoints_dir so "
+                                          "~/reload picks up what the trainer writes"),
+        DeclareLaunchArgument("episodes_dir", default_value="episodes", description="episode store"),
+        DeclareLaunchArgument("checkpoints_dir", default_value="checkpoints", description="trainer output root"),
+        DeclareLaunchArgument("device", default_value="auto", description="policy device: auto | cpu | cuda"),
+        DeclareLaunchArgument("command_frame", default_value="base_link",
+                              description="frame of Servo commands and of /ee_pose"),
+        DeclareLaunchArgument("camera_topic", default_value="/camera/image_raw"),
+        DeclareLaunchArgument("joint_states_topic", default_value="/joint_states"),
+        DeclareLaunchArgument("ee_pose_topic", default_value="/ee_pose"),
+        DeclareLaunchArgument("record", default_value="policy", choices=["teleop", "policy", "rl"],
+                              description="source tag of recorded episodes"),
+        Node(package=PACKAGE, executable="policy_node", name="policy_node", output="screen",
+             parameters=[config("policy_node.yaml"),
+                         {"checkpoint": LaunchConfiguration("checkpoint"),
+                          "device": LaunchConfiguration("device"),
+                          "command_frame": LaunchConfiguration("command_frame")}],
+             remappings=sensor_remaps),
+        Node(package=PACKAGE, executable="reward_node", name="reward_node", output="screen",
+             parameters=[config("reward_node.yaml"), OVERRIDES["reward_node"], {"action_topic": action_topic}]),
+        Node(package=PACKAGE, executable="recorder_node", name="recorder_node", output="screen",
+             parameters=[config("recorder_node.yaml"), OVERRIDES["recorder_node"],
+                         {"source": record, "action_topic": action_topic, "episodes_dir": episodes_dir}],
+             remappings=sensor_remaps),
+        Node(package=PACKAGE, executable="trainer_node", name="trainer_node", output="screen",
+             parameters=[config("trainer_node.yaml"),
+                         {"episodes_dir": episodes_dir,
+                          "checkpoints_dir": LaunchConfiguration("checkpoints_dir")}]),
+    ])

@@ -1,0 +1,72 @@
+"""Simulation bring-up: Metaworld sim_node in place of the robot, plus the iRe-VLA nodes.
+
+    ros2 launch ire_vla_ros sim.launch.py                       # the policy drives, policy episodes
+    ros2 launch ire_vla_ros sim.launch.py teleop:=true record:=teleop   # scripted expert demos
+
+Same nodes, YAML and overrides as `ire-vla bringup sim` (one process). Export
+ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and a ROS_DOMAIN_ID of your own before launching.
+Episodes: `ros2 service call /recorder_node/start_episode std_srvs/srv/Trigger` (resets the sim and
+reward_node), `/policy_node/enable` (SetBool) to let the policy act, `/trainer_node/run_iteration`
+to train; the policy reloads the new checkpoint when checkpoint == checkpoints_dir.
+"""
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+PACKAGE = "ire_vla_ros"
+
+# Equal to ire_vla_ros.nodes.bringup.MODE_OVERRIDES["sim"] (checked by test/test_launch_files.py).
+OVERRIDES = {
+    "policy_node": {"command_frame": "world", "workspace_enabled": False, "servo_switch_service": ""},
+    "teleop_node": {"mode": "scripted_expert", "action_spec": "metaworld_4d", "frame_id": "world"},
+    "reward_node": {"backend": "sim"},
+    "recorder_node": {"start_services": ["/sim_node/reset", "/reward_node/start_episode"]},
+}
+
+
+def generate_launch_description():
+    task = LaunchConfiguration("task")
+    record = LaunchConfiguration("record")
+    episodes_dir = LaunchConfiguration("episodes_dir")
+    # recorder and reward node follow the teleop's actions when recording demos, else the policy's
+    action_topic = PythonExpression(
+        ["'/teleop_node/action' if '", record, "' == 'teleop' else '/policy_node/action'"])
+
+    def config(name):
+        return PathJoinSubstitution([FindPackageShare(PACKAGE), "config", name])
+
+    return LaunchDescription([
+        DeclareLaunchArgument("task", default_value="button-press-topdown-v3", description="Metaworld v3 task"),
+        DeclareLaunchArgument("checkpoint", default_value="models/metaworld_tiny",
+                              description="policy checkpoint dir or root with `latest` (default: "
+                                          "config/policy_node.yaml's); point it at checkpoints_dir so "
+                                          "~/reload picks up what the trainer writes"),
+        DeclareLaunchArgument("episodes_dir", default_value="episodes", description="episode store"),
+        DeclareLaunchArgument("checkpoints_dir", default_value="checkpoints", description="trainer output root"),
+        DeclareLaunchArgument("teleop", default_value="false", description="start the scripted-expert teleop"),
+        DeclareLaunchArgument("policy", default_value="true", description="start the policy node"),
+        DeclareLaunchArgument("record", default_value="policy", choices=["teleop", "policy", "rl"],
+                              description="source tag of recorded episodes (teleop: record the expert)"),
+        Node(package=PACKAGE, executable="sim_node", name="sim_node", output="screen",
+             parameters=[config("sim_node.yaml"), {"task": task}]),
+        Node(package=PACKAGE, executable="policy_node", name="policy_node", output="screen",
+             condition=IfCondition(LaunchConfiguration("policy")),
+             parameters=[config("policy_node.yaml"), OVERRIDES["policy_node"],
+                         {"checkpoint": LaunchConfiguration("checkpoint")}]),
+        Node(package=PACKAGE, executable="teleop_node", name="teleop_node", output="screen",
+             condition=IfCondition(LaunchConfiguration("teleop")),
+             parameters=[config("teleop_node.yaml"), OVERRIDES["teleop_node"]]),
+        Node(package=PACKAGE, executable="reward_node", name="reward_node", output="screen",
+             parameters=[config("reward_node.yaml"), OVERRIDES["reward_node"], {"action_topic": action_topic}]),
+        Node(package=PACKAGE, executable="recorder_node", name="recorder_node", output="screen",
+             parameters=[config("recorder_node.yaml"), OVERRIDES["recorder_node"],
+                         {"source": record, "action_topic": action_topic, "task": task,
+                          "episodes_dir": episodes_dir}]),
+        Node(package=PACKAGE, executable="trainer_node", name="trainer_node", output="screen",
+             parameters=[config("trainer_node.yaml"),
+                         {"episodes_dir": episodes_dir,
+                          "checkpoints_dir": LaunchConfiguration("checkpoints_dir")}]),
+    ])
