@@ -1,8 +1,18 @@
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
 
 package_name = "ire_vla_ros"
+
+def model_files():
+    """models/ keeps its sub-directories (a checkpoint holds lora_adapter/) in the share directory."""
+    by_dir = {}
+    for path in glob("models/**/*", recursive=True):
+        if os.path.isfile(path):
+            by_dir.setdefault(os.path.dirname(path), []).append(path)
+    return [("share/" + package_name + "/" + d, files) for d, files in sorted(by_dir.items())]
+
 
 NODES = ["policy_node", "recorder_node", "reward_node", "trainer_node", "sim_node", "teleop_node"]
 
@@ -15,8 +25,7 @@ setup(
         ("share/" + package_name, ["package.xml"]),
         ("share/" + package_name + "/launch", glob("launch/*launch.py")),
         ("share/" + package_name + "/config", glob("config/*.yaml") + glob("config/*.xml")),
-        ("share/" + package_name + "/models", [p for p in glob("models/**/*", recursive=True) if "." in p.rsplit("/", 1)[-1]]),
-    ],
+    ] + model_files(),
     install_requires=["setuptools"],
     zip_safe=True,
     maintainer="ire_vla_ros developers",

@@ -52,7 +52,8 @@ def cmd_collect(args) -> int:
         paths = collect_expert_episodes(task, args.episodes or cfg.collect.episodes_per_task, args.out / task,
                                         seed0=args.seed0, noise_std=cfg.collect.noise_std if args.noise is None else args.noise,
                                         image_size=cfg.env.image_size, camera=cfg.env.camera,
-                                        max_episode_steps=cfg.env.max_episode_steps, progress=not args.no_progress)
+                                        max_episode_steps=cfg.env.max_episode_steps, action_repeat=cfg.env.action_repeat,
+                                        progress=not args.no_progress)
         print(f"{task}: {len(paths)} episodes in {args.out / task}")
     return 0
 

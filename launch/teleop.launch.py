@@ -14,6 +14,7 @@ from launch.actions import DeclareLaunchArgument, LogInfo
 from launch.conditions import IfCondition, UnlessCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
 PACKAGE = "ire_vla_ros"
@@ -62,7 +63,8 @@ def generate_launch_description():
         Node(package=PACKAGE, executable="recorder_node", name="recorder_node", output="screen",
              parameters=[config("recorder_node.yaml"), OVERRIDES["recorder_node"],
                          {"episodes_dir": LaunchConfiguration("episodes_dir"),
-                          "task": LaunchConfiguration("task"),
-                          "instruction": LaunchConfiguration("instruction")}],
+                          # value_type=str: an empty argument stays an empty string
+                          "task": ParameterValue(LaunchConfiguration("task"), value_type=str),
+                          "instruction": ParameterValue(LaunchConfiguration("instruction"), value_type=str)}],
              remappings=sensor_remaps),
     ])

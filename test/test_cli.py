@@ -45,3 +45,13 @@ def test_episodes_validate_exit_code(tmp_path, capsys):
     (tmp_path / "x.h5").write_bytes(b"not hdf5")
     assert main(["episodes", "validate", str(tmp_path)]) == 1
     assert "x.h5" in capsys.readouterr().out
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("ppo:\n  lr_actor: 3e-4\n  total_env_steps: 1e3\n")
+    cfg = load_iterate_config(f)
+    assert cfg.ppo.lr_actor == 3e-4 and cfg.ppo.total_env_steps == 1000
+    f.write_text("ppo:\n  lr_actor: fast\n")
+    with pytest.raises(ValueError, match="expected a number"):
+        load_iterate_config(f)

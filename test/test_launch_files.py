@@ -9,7 +9,6 @@ before use, and the launch files pass the same overrides as `ire-vla bringup`. T
 from __future__ import annotations
 
 import ast
-import json
 import os
 import signal
 import subprocess

@@ -56,6 +56,8 @@ def test_stamp_buffer_exact_then_not_after_then_newest():
     for t in range(40, 100, 10):
         b.add(t, f"m{t}")
     assert len(b) == 5 and b.lookup(10) == ("m90", False)
+    b.prune(lambda t: t < 70)
+    assert len(b) == 3 and b.lookup(70) == ("m70", True)
 
 
 def test_split_action_and_specs():
@@ -254,10 +256,12 @@ class FakeRobot:
         self.action.publish(js)
 
 
-def start_episode(h, status):
+def start_episode(h, status, robot=None):
     resp = h.call(Trigger, "/recorder_node/start_episode")
     assert resp.success, resp.message
     wait_for(lambda: status and json.loads(status[-1].data)["state"] == "recording", 10, "recording state")
+    if robot is not None:  # stamps from now on: earlier ones belong to the previous episode
+        robot.t0 = h.probe.get_clock().now().nanoseconds
 
 
 # =============================================================================================
@@ -274,8 +278,11 @@ def test_policy_episode_sim_success_pairs_by_stamp(ros, tmp_path):
     robot.instruction.publish(String(data="press the button"))
     for pub in (robot.image, robot.joints, robot.action, robot.sim_success, robot.sim_reward):
         wait_matched(pub)
-    start_episode(ros, status)
+    start_episode(ros, status, robot)
 
+    # an action computed from an observation of before the episode start (e.g. before the sim reset)
+    robot.observe(-5)
+    robot.act(-5)
     # The "policy" lags one observation behind: action k arrives after image k+1 was published.
     n = 6
     robot.observe(0)
@@ -305,6 +312,7 @@ def test_policy_episode_sim_success_pairs_by_stamp(ros, tmp_path):
     assert ep.rewards.tolist() == [0.0] * (n - 1) + [1.0]
     st = json.loads(status[-1].data)
     assert st["exact_image_steps"] == n and st["steps_dropped"] == 0 and st["state"] == "idle"
+    assert st["skipped_stale"] == 1
 
 
 def test_teleop_source_human_label_and_abort(ros, tmp_path):
@@ -318,7 +326,7 @@ def test_teleop_source_human_label_and_abort(ros, tmp_path):
         wait_matched(pub)
 
     # 1) operator labels the episode a failure through reward_node
-    start_episode(ros, status)
+    start_episode(ros, status, robot)
     for k in range(4):
         robot.observe(k)
         time.sleep(0.02)
@@ -332,7 +340,7 @@ def test_teleop_source_human_label_and_abort(ros, tmp_path):
     assert ep.instruction == "open the drawer" and ep.task == "open the drawer"
 
     # 2) stop through the recorder's own labeled stop
-    start_episode(ros, status)
+    start_episode(ros, status, robot)
     for k in range(3):
         robot.observe(k)
         time.sleep(0.02)
@@ -345,7 +353,7 @@ def test_teleop_source_human_label_and_abort(ros, tmp_path):
     assert read_episode(saved[1].data).success
 
     # 3) abort: nothing is kept
-    start_episode(ros, status)
+    start_episode(ros, status, robot)
     robot.observe(0)
     time.sleep(0.02)
     robot.act(0, policy=False)
@@ -388,7 +396,7 @@ def test_full_queue_drops_are_counted_and_reported(ros, tmp_path):
     diags = ros.collect(DiagnosticArray, "/diagnostics", 10)
     for pub in (robot.image, robot.joints, robot.action):
         wait_matched(pub)
-    start_episode(ros, status)
+    start_episode(ros, status, robot)
     rng = np.random.default_rng(0)
     img = Image(**encode_rgb(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)))  # incompressible
     img.header.stamp = robot.stamp(0)
@@ -408,3 +416,13 @@ def test_full_queue_drops_are_counted_and_reported(ros, tmp_path):
     assert read_episode(saved[0].data, load_images=False).n_steps == st["steps_written"]
     wait_for(lambda: any(s.level == DiagnosticStatus.WARN and "dropped" in s.message
                          for d in diags for s in d.status), 5, "a WARN diagnostic about drops")
+
+
+def test_help_does_not_start_ros():
+    import subprocess
+    import sys
+
+    for mod in ("recorder_node", "reward_node"):
+        out = subprocess.run([sys.executable, "-m", f"ire_vla_ros.nodes.{mod}", "--help"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and "Parameters" in out.stdout and "action_topic" in out.stdout, out.stderr

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import rclpy
 import yaml
+from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rclpy.context import Context
 from rclpy.executors import MultiThreadedExecutor
@@ -57,18 +58,19 @@ def ckpts(tmp_path_factory):
 class FakeRobot(Node):
     """Camera + joint states + EE pose publisher, Servo / gripper / recorder listener."""
 
-    def __init__(self, context, rate_hz=20.0):
+    def __init__(self, context, rate_hz=20.0, joint_names=None):
         super().__init__("fake_robot", context=context)
         self.lock = threading.Lock()
         self.image_mode = "good"        # good | off | bad_encoding | bad_step | bad_size
         self.joints_on = True
-        self.joint_names = list(JOINTS) + ["extra_joint"]
+        self.joint_names = list(joint_names or JOINTS) + ["extra_joint"]
         self.ee_position = [0.0, 0.0, 0.3]
         self.image_stamps: set[tuple[int, int]] = set()
         self.twists: list[TwistStamped] = []
         self.poses: list[PoseStamped] = []
         self.actions: list[JointState] = []
         self.grippers: list[float] = []
+        self.diagnostics: list[DiagnosticArray] = []
         self.rng = np.random.default_rng(0)
         self.cam = self.create_publisher(Image, "/camera/image_raw", SENSOR_QOS)
         self.js = self.create_publisher(JointState, "/joint_states", 10)
@@ -79,6 +81,7 @@ class FakeRobot(Node):
         self.create_subscription(PoseStamped, "/servo_node/pose_target_cmds", self._add("poses"), 10)
         self.create_subscription(JointState, "/policy_node/action", self._add("actions"), 10)
         self.create_subscription(Float64, "/gripper/command", lambda m: self._append("grippers", m.data), 10)
+        self.create_subscription(DiagnosticArray, "/diagnostics", self._add("diagnostics"), 10)
         self.enable_cli = self.create_client(SetBool, "/policy_node/enable")
         self.explore_cli = self.create_client(SetBool, "/policy_node/explore")
         self.reload_cli = self.create_client(Trigger, "/policy_node/reload")
@@ -127,20 +130,27 @@ class FakeRobot(Node):
 
 
 class Rig:
-    def __init__(self, domain_id: int, checkpoint, **params):
+    def __init__(self, domain_id: int, checkpoint, robot_joint_names=None, **params):
         self.ctx = Context()
         rclpy.init(context=self.ctx, domain_id=domain_id)
         overrides = {"checkpoint": str(checkpoint), "stale_timeout_s": 0.3, "ee_pose_timeout_s": 0.3,
                      "control_rate_hz": 20.0, "servo_switch_service": "", **params}
         self.node = None
         self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
-        self.robot = FakeRobot(self.ctx)
+        self.robot = FakeRobot(self.ctx, joint_names=robot_joint_names)
         self.executor.add_node(self.robot)
         self.node = PolicyNode(context=self.ctx,
                                parameter_overrides=[Parameter(k, value=v) for k, v in overrides.items()])
         self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._spin, daemon=True)
         self.thread.start()
+
+    def _spin(self):
+        # spin_once loop rather than spin(): stopping it before executor.shutdown() avoids rclpy 7.1's
+        # shutdown-while-waiting race (guard condition destroyed under a waiting spin()).
+        while not self.stop.is_set() and self.ctx.ok():
+            self.executor.spin_once(timeout_sec=0.05)
 
     def call(self, client, request, timeout=15.0):
         assert client.wait_for_service(timeout_sec=timeout), f"{client.srv_name} not available"
@@ -175,20 +185,22 @@ class Rig:
         return self.robot.counts()[0] == before
 
     def close(self):
-        self.executor.shutdown(timeout_sec=5.0)
+        self.stop.set()
+        self.thread.join(timeout=5.0)
+        time.sleep(0.2)  # let handlers already in the pool finish while the executor's guard exists
+        self.executor.shutdown(timeout_sec=5.0)  # waits for callbacks still running in the pool
         for n in (self.node, self.robot):
             if n is not None:
                 n.destroy_node()
         rclpy.try_shutdown(context=self.ctx)
-        self.thread.join(timeout=5.0)
 
 
 @pytest.fixture
 def make_rig(ros_domain_id):
     rigs = []
 
-    def make(checkpoint, **params):
-        rig = Rig(ros_domain_id, checkpoint, **params)
+    def make(checkpoint, robot_joint_names=None, **params):
+        rig = Rig(ros_domain_id, checkpoint, robot_joint_names, **params)
         rigs.append(rig)
         return rig
 
@@ -232,6 +244,21 @@ def test_commands_only_after_enable(make_rig, ckpts):
     assert rig.quiet_for(0.5), "commands after disable"
     st = rig.node.stats()
     assert st["commands_sent"] >= 5 and st["latency_ms_mean"] > 0 and st["inference_ms_mean"] > 0
+    # /diagnostics carries the same numbers
+    rig.wait_for(lambda: any(_diag(m).get("commands_sent", "0") != "0" for m in list(rig.robot.diagnostics)),
+                 what="diagnostics with commands")
+    d = [_diag(m) for m in rig.robot.diagnostics if _diag(m).get("commands_sent", "0") != "0"][-1]
+    for key in ("latency_ms_mean", "latency_ms_p95", "inference_ms_mean", "rejected_images",
+                "dropped_nan_actions", "stale_skips", "estop", "checkpoint"):
+        assert key in d, key
+    assert d["checkpoint"] == str(ckpts["base"]) and float(d["latency_ms_mean"]) > 0
+
+
+def _diag(arr: DiagnosticArray) -> dict:
+    for st in arr.status:
+        if st.name.endswith("policy_node: policy"):
+            return {kv.key: kv.value for kv in st.values}
+    return {}
 
 
 def test_stale_image_and_estop_stop_commands(make_rig, ckpts):
@@ -273,8 +300,7 @@ def test_nan_actions_dropped(make_rig, ckpts):
 
 
 def test_missing_joints_no_command(make_rig, ckpts):
-    rig = make_rig(ckpts["base"])
-    rig.robot.joint_names = JOINTS[:-1] + ["not_l_close", "extra_joint"]
+    rig = make_rig(ckpts["base"], robot_joint_names=JOINTS[:-1] + ["not_l_close"])
     rig.enable()
     rig.wait_for(lambda: rig.node.stats()["missing_joints"] >= 3, what="missing-joint rejections")
     assert rig.robot.counts()[0] == 0
@@ -397,6 +423,24 @@ def test_moveit_py_backend_fails_clearly(ros_domain_id, ckpts):
             PolicyNode(context=ctx, parameter_overrides=[
                 Parameter("checkpoint", value=str(ckpts["base"])),
                 Parameter("motion_backend", value="moveit_py"), Parameter("ee_link", value="")])
+    finally:
+        rclpy.try_shutdown(context=ctx)
+
+
+def test_out_of_range_parameter_refused(ros_domain_id, ckpts):
+    from rclpy.exceptions import InvalidParameterValueException
+
+    ctx = Context()
+    rclpy.init(context=ctx, domain_id=ros_domain_id)
+    try:
+        with pytest.raises(InvalidParameterValueException, match="control_rate_hz"):
+            PolicyNode(context=ctx, parameter_overrides=[
+                Parameter("checkpoint", value=str(ckpts["base"])), Parameter("control_rate_hz", value=1000.0)])
+        with pytest.raises(NodeStartupError, match="workspace_min"):
+            PolicyNode(context=ctx, parameter_overrides=[
+                Parameter("checkpoint", value=str(ckpts["base"])),
+                Parameter("workspace_min_xyz", value=[1.0, 0.0, 0.0]),
+                Parameter("workspace_max_xyz", value=[0.0, 1.0, 1.0])])
     finally:
         rclpy.try_shutdown(context=ctx)
 

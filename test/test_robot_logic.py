@@ -310,3 +310,34 @@ def test_rate_meter():
         r.tick(i * 0.1)
     assert r.rate(4.9) == pytest.approx(10.0)
     assert r.rate(100.0) == 0.0
+
+
+def test_cv_bridge_wrapper_checks_layout_and_wraps_errors():
+    """The cv_bridge path (used when cv_bridge imports) keeps the same layout checks and error type.
+    cv_bridge is not installable here, so a stand-in object plays the bridge for this wrapper test."""
+    from ire_vla_ros.robot.image_codec import CvBridgeDecoder
+
+    class Bridge:
+        def __init__(self, result=None, exc=None):
+            self.result, self.exc, self.calls = result, exc, 0
+
+        def imgmsg_to_cv2(self, msg, desired_encoding):
+            self.calls += 1
+            assert desired_encoding == "rgb8"
+            if self.exc:
+                raise self.exc
+            return self.result
+
+    img = _rgb()
+    good = SimpleNamespace(**encode_rgb(img, "bgr8"))
+    b = Bridge(result=img)
+    np.testing.assert_array_equal(CvBridgeDecoder(b)(good), img)
+    bad = SimpleNamespace(**{**encode_rgb(img, "bgr8"), "step": 1})
+    with pytest.raises(ImageDecodeError, match="step 1"):
+        CvBridgeDecoder(b)(bad)
+    assert b.calls == 1  # rejected before reaching cv_bridge
+    yuv = SimpleNamespace(**{**encode_rgb(img, "rgb8"), "encoding": "yuv422"})
+    with pytest.raises(ImageDecodeError, match="cv_bridge: boom"):
+        CvBridgeDecoder(Bridge(exc=RuntimeError("boom")))(yuv)
+    with pytest.raises(ImageDecodeError, match="expected"):
+        CvBridgeDecoder(Bridge(result=np.zeros((2, 2), np.uint8)))(good)

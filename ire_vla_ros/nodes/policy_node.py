@@ -135,11 +135,10 @@ class PolicyNode(Node):
         try:
             import torch
 
-            from ire_vla_ros.vla.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+            from ire_vla_ros.vla.checkpoint import load_checkpoint, resolve_checkpoint
         except ImportError as exc:
             raise NodeStartupError(f"the policy needs torch and ire_vla_ros.vla: {exc}") from exc
         self._torch = torch
-        self._CheckpointError = CheckpointError
         self._load_checkpoint = load_checkpoint
         self._resolve_checkpoint = resolve_checkpoint
         if p.torch_num_threads > 0:
@@ -170,21 +169,24 @@ class PolicyNode(Node):
         self._decoded = None          # its resized RGB array or the ImageDecodeError
         self._reload_lock = threading.Lock()
 
-        self._safety = SafetyFilter(
-            SafetyConfig(
+        try:
+            safety_cfg = SafetyConfig(
                 max_translation_m=p.max_translation_m, max_rotation_rad=p.max_rotation_rad,
                 workspace_enabled=p.workspace_enabled, workspace_min=tuple(p.workspace_min_xyz),
                 workspace_max=tuple(p.workspace_max_xyz), stale_timeout_s=p.stale_timeout_s,
                 ee_pose_timeout_s=p.ee_pose_timeout_s,
-            ),
-            policy.action_spec,
-        )
+            )
+        except ValueError as exc:
+            raise NodeStartupError(f"safety parameters: {exc}") from exc
+        self._safety = SafetyFilter(safety_cfg, policy.action_spec)
         self.counters: Counter = Counter(
             {"commands_sent": 0, "rejected_images": 0, "missing_joints": 0, "inference_errors": 0,
              "ee_frame_mismatch": 0, "reloads_ok": 0, "reloads_failed": 0}
         )
         self.latency_ms = RollingStats(200)      # image stamp -> command publish
         self.inference_ms = RollingStats(200)
+        self.image_delay_ms = RollingStats(200)  # image stamp -> received by this node (transport)
+        self.image_age_ms = RollingStats(200)    # image stamp -> picked up by a control tick
         self._cmd_rate = RateMeter(5.0)
         self._decoder = make_decoder(p.prefer_cv_bridge)
 
@@ -358,9 +360,12 @@ class PolicyNode(Node):
 
     # ======================================================================== callbacks: cache only
     def _on_image(self, msg: Image) -> None:
-        now = _now_s(self)
+        now_ns = self.get_clock().now().nanoseconds
         with self._lock:
-            self._image_msg, self._image_rx = msg, now
+            self._image_msg, self._image_rx = msg, now_ns * 1e-9
+        stamp_ns = _stamp_ns(msg.header.stamp)
+        if stamp_ns > 0:
+            self.image_delay_ms.add((now_ns - stamp_ns) * 1e-6)
 
     def _on_joints(self, msg: JointState) -> None:
         now = _now_s(self)
@@ -503,6 +508,9 @@ class PolicyNode(Node):
                 self.counters["missing_joints"] += 1
                 self.get_logger().error("non-finite joint positions; no command", throttle_duration_sec=1.0)
                 return
+            img_ns = _stamp_ns(image_msg.header.stamp)
+            if img_ns > 0:
+                self.image_age_ms.add(now * 1e3 - img_ns * 1e-6)
             image = self._decode(image_msg)
             if image is None:
                 return
@@ -529,7 +537,6 @@ class PolicyNode(Node):
             self._publish_action(image_msg, policy.action_spec, action, res.log_prob, res.value)
         self.counters["commands_sent"] += 1
         self._cmd_rate.tick(pub_time.nanoseconds * 1e-9)
-        img_ns = _stamp_ns(image_msg.header.stamp)
         if img_ns > 0:
             self.latency_ms.add((pub_time.nanoseconds - img_ns) * 1e-6)
 
@@ -610,6 +617,8 @@ class PolicyNode(Node):
             "image_decoder": self._decoder.name, "instruction": self._instruction,
             "latency_ms_mean": lat["mean"], "latency_ms_p95": lat["p95"],
             "inference_ms_mean": inf["mean"], "inference_ms_p95": inf["p95"],
+            "image_delay_ms_mean": self.image_delay_ms.summary()["mean"],
+            "image_age_at_tick_ms_mean": self.image_age_ms.summary()["mean"],
             "command_rate_hz": self._cmd_rate.rate(_now_s(self)),
             "commands_sent": self.counters["commands_sent"],
             "rejected_images": self.counters["rejected_images"],

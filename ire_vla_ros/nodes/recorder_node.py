@@ -41,7 +41,7 @@ import collections
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -89,6 +89,13 @@ class StampBuffer:
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+
+    def prune(self, drop: Callable[[int], bool]) -> None:
+        """Remove the items whose stamp satisfies `drop`."""
+        with self._lock:
+            kept = [(t, item) for t, item in self._items if not drop(t)]
+            self._items.clear()
+            self._items.extend(kept)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -342,8 +349,8 @@ class RecorderNode(Node):
         "joint_names": P([], "Joints to record, in this order (empty: all, in message order)",
                          type=Parameter.Type.STRING_ARRAY, read_only=True),
         "action_spec": P("auto", "auto | metaworld_4d | ee_delta_7d | ActionSpec JSON"),
-        "action_topic": P("/policy_node/action", "Actions (JointState layout); one message = one step",
-                          read_only=True),
+        "action_topic": P("/policy_node/action", "Actions (JointState layout); one message = one step. "
+                          "Can be changed while no episode is recorded (switch teleop <-> policy)"),
         "image_topic": P("/camera/image_raw", "Camera image (sensor-data QoS)", read_only=True),
         "joint_states_topic": P("/joint_states", "Joint states", read_only=True),
         "instruction_topic": P("/policy_node/instruction", "Task instruction (transient local)", read_only=True),
@@ -386,6 +393,8 @@ class RecorderNode(Node):
         self.episode_steps = 0
         self.exact_image_steps = 0
         self.skipped_no_obs = 0
+        self.skipped_stale = 0
+        self._start_ns = 0  # messages stamped before this belong to the previous episode
         self._pending: Step | None = None
         self._begun = False
         self._reward = 0.0
@@ -396,7 +405,7 @@ class RecorderNode(Node):
         self.create_subscription(Image, self.p.image_topic, self._on_image, SENSOR_QOS)
         self.create_subscription(JointState, self.p.joint_states_topic, self._on_joints, SENSOR_QOS)
         self.create_subscription(String, self.p.instruction_topic, self._on_instruction, LATCHED_QOS)
-        self.create_subscription(JointState, self.p.action_topic, self._on_action, RELIABLE_QOS)
+        self._action_sub = self.create_subscription(JointState, self.p.action_topic, self._on_action, RELIABLE_QOS)
         if self.p.reward_topic:
             self.create_subscription(Float32, self.p.reward_topic, self._on_reward, RELIABLE_QOS)
         if self.p.episode_end_topic:
@@ -412,6 +421,8 @@ class RecorderNode(Node):
         self.saved_pub = self.create_publisher(String, "~/episode_saved", RELIABLE_QOS)
         self.status_pub = self.create_publisher(String, "~/status", LATCHED_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.add_on_set_parameters_callback(self._validate_params)
+        self.add_post_set_parameters_callback(self._apply_params)
         self.create_timer(0.05, self._drain_results)
         self.create_timer(self.p.status_period_s, self._publish_status)
         self._publish_status()
@@ -452,12 +463,48 @@ class RecorderNode(Node):
                       "episode_index": self.episode},
         )
 
+    def _validate_params(self, params):
+        from rcl_interfaces.msg import SetParametersResult
+
+        from ire_vla_ros.episodes.store import SOURCES
+
+        for prm in params:
+            if prm.name == "source" and prm.value not in SOURCES:
+                return SetParametersResult(successful=False, reason=f"source must be one of {SOURCES}")
+            if prm.name == "action_topic" and self.state != "idle":
+                return SetParametersResult(successful=False,
+                                           reason=f"an episode is {self.state}: stop it before switching topics")
+        return SetParametersResult(successful=True)
+
+    def _apply_params(self, params):
+        for prm in params:
+            if prm.name == "action_topic" and prm.value != self._action_sub.topic_name:
+                self.destroy_subscription(self._action_sub)
+                self._action_sub = self.create_subscription(JointState, prm.value, self._on_action, RELIABLE_QOS)
+                self.get_logger().info(f"recording actions from {prm.value}")
+
     # sensor callbacks: cache only -------------------------------------------------------------
+    def _before_start(self, t_ns: int) -> bool:
+        """Stamped before the episode began (e.g. an observation from before the sim reset)?
+        Only judged when the stamp is on this node's clock (within 5 s of now): a camera stamping
+        with another clock is never filtered."""
+        now = self.get_clock().now().nanoseconds
+        return t_ns < self._start_ns and abs(now - t_ns) < 5_000_000_000
+
+    def _stale_at_start(self, t_ns: int) -> bool:
+        """At episode start: stamped before it, or on another clock (cannot tell: dropped)."""
+        now = self.get_clock().now().nanoseconds
+        return t_ns < self._start_ns or abs(now - t_ns) >= 5_000_000_000
+
     def _on_image(self, msg: Image) -> None:
-        self.images.add(stamp_ns(msg.header.stamp), msg)
+        t = stamp_ns(msg.header.stamp)
+        if not self._before_start(t):
+            self.images.add(t, msg)
 
     def _on_joints(self, msg: JointState) -> None:
-        self.joints.add(stamp_ns(msg.header.stamp), msg)
+        t = stamp_ns(msg.header.stamp)
+        if not self._before_start(t):
+            self.joints.add(t, msg)
 
     def _on_instruction(self, msg: String) -> None:
         self._instruction = msg.data
@@ -470,6 +517,9 @@ class RecorderNode(Node):
             if self.state != "recording":
                 return
             t = stamp_ns(msg.header.stamp)
+            if self._before_start(t):
+                self.skipped_stale += 1  # acted on an observation of the previous episode
+                return
             image, exact = self.images.lookup(t)
             joint_msg, _ = self.joints.lookup(t)
             if image is None or joint_msg is None:
@@ -507,8 +557,10 @@ class RecorderNode(Node):
     # episode control ---------------------------------------------------------------------------
     def _begin_recording(self) -> None:
         with self._lock:
-            self.images.clear()
-            self.joints.clear()
+            # observations of the previous episode go; the new episode's first one (published by a
+            # reset while ~/start_episode was calling its services) stays
+            self.images.prune(self._stale_at_start)
+            self.joints.prune(self._stale_at_start)
             self._pending = None
             self._begun = False
             self._reward = 0.0
@@ -558,6 +610,7 @@ class RecorderNode(Node):
                 resp.message = f"cannot start: service(s) {missing} not available"
                 return resp
             self.state = "starting"
+            self._start_ns = self.get_clock().now().nanoseconds
         if not self._start_clients:
             self._begin_recording()
             resp.success, resp.message = True, f"episode {self.episode} recording"
@@ -660,6 +713,7 @@ class RecorderNode(Node):
         return dict(
             state=self.state, episode=self.episode, episode_steps=self.episode_steps,
             exact_image_steps=self.exact_image_steps, skipped_no_obs=self.skipped_no_obs,
+            skipped_stale=self.skipped_stale,
             episodes_saved=s.episodes_saved, episodes_discarded=s.episodes_discarded,
             steps_written=s.steps_written, steps_dropped=s.steps_dropped, step_errors=s.step_errors,
             queue_depth=s.queue_depth, max_queue_depth=s.max_queue_depth, last_path=s.last_path,

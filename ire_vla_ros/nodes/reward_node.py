@@ -151,7 +151,8 @@ class RewardNode(Node):
         "min_steps_before_success": P(1, "Ignore simulator success before this many steps of the episode",
                                       min=0),
         "auto_start": P(False, "Start an episode at start-up (else wait for ~/start_episode)"),
-        "action_topic": P("/policy_node/action", "Actions (one message = one step)", read_only=True),
+        "action_topic": P("/policy_node/action", "Actions (one message = one step); can be changed while "
+                          "no episode is active"),
         "sim_success_topic": P("/sim_node/success", "Simulator success flag (backend sim)", read_only=True),
         "sim_reward_topic": P("/sim_node/reward", "Simulator dense reward (backend sim)", read_only=True),
         "check_period_s": P(0.1, "How often the duration limit is checked", min=0.01, max=10.0,
@@ -169,13 +170,15 @@ class RewardNode(Node):
         self.reward_pub = self.create_publisher(Float32, "~/reward", RELIABLE_QOS)
         self.end_pub = self.create_publisher(Bool, "~/episode_end", RELIABLE_QOS)
         self.active_pub = self.create_publisher(Bool, "~/episode_active", LATCHED_QOS)
-        self.create_subscription(JointState, self.p.action_topic, self._on_action, RELIABLE_QOS)
+        self._action_sub = self.create_subscription(JointState, self.p.action_topic, self._on_action, RELIABLE_QOS)
         if self.p.backend == "sim":
             self.create_subscription(Bool, self.p.sim_success_topic, self._on_sim_success, RELIABLE_QOS)
             self.create_subscription(Float32, self.p.sim_reward_topic, self._on_sim_reward, RELIABLE_QOS)
         self.create_service(Trigger, "~/start_episode", self._on_start)
         self.create_service(SetBool, "~/mark_success", self._on_mark)
         self.create_timer(self.p.check_period_s, self._on_check)
+        self.add_on_set_parameters_callback(self._validate_params)
+        self.add_post_set_parameters_callback(self._apply_params)
         self._publish_active()
         if self.p.auto_start:
             self._start()
@@ -183,6 +186,26 @@ class RewardNode(Node):
             f"backend={self.p.backend} reward={self.p.reward_mode} steps<={self.p.max_episode_steps or 'inf'} "
             f"duration<={self.p.max_episode_duration_s or 'inf'} s, actions from {self.p.action_topic}"
         )
+
+    def _validate_params(self, params):
+        from rcl_interfaces.msg import SetParametersResult
+
+        if any(p.name == "action_topic" for p in params) and self.judge.active:
+            return SetParametersResult(successful=False, reason="an episode is active: end it first")
+        return SetParametersResult(successful=True)
+
+    def _apply_params(self, params):
+        for prm in params:  # limits apply from the next step on
+            if prm.name == "max_episode_steps":
+                self.judge.max_steps = int(prm.value)
+            elif prm.name == "max_episode_duration_s":
+                self.judge.max_duration_s = float(prm.value)
+            elif prm.name == "success_reward":
+                self.judge.success_reward = float(prm.value)
+            if prm.name == "action_topic" and prm.value != self._action_sub.topic_name:
+                self.destroy_subscription(self._action_sub)
+                self._action_sub = self.create_subscription(JointState, prm.value, self._on_action, RELIABLE_QOS)
+                self.get_logger().info(f"counting steps on {prm.value}")
 
     @staticmethod
     def _now() -> float:

@@ -203,7 +203,11 @@ def run_node(
     parser = build_parser(prog, description, params)
     if add_arguments is not None:
         add_arguments(parser)
-    non_ros = remove_ros_args(args=argv)[1:]
+    try:
+        non_ros = remove_ros_args(args=argv)[1:]
+    except Exception as exc:  # rclpy's RCLInvalidROSArgsError: a malformed -p / -r / --params-file
+        print(f"{prog}: invalid ROS arguments: {exc}", file=sys.stderr)
+        return 2
     cli, unknown = parser.parse_known_args(non_ros)  # --help exits here, before rclpy.init
     if unknown:
         print(f"{prog}: ignoring unknown arguments {unknown} (ROS arguments go after --ros-args)",

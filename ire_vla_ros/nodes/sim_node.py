@@ -133,6 +133,8 @@ class SimNode(Node):
     PARAMS = {
         "task": P("button-press-topdown-v3", "Metaworld v3 task", read_only=True),
         "image_size": P(64, "Camera image height = width (pixels)", min=16, max=1024, read_only=True),
+        "action_repeat": P(1, "Physics steps per env step; match the policy's training (env.action_repeat)",
+                           min=1, max=20, read_only=True),
         "camera": P("corner", "Metaworld camera", read_only=True),
         "seed": P(0, "Seed of the first episode; each ~/reset uses the next one", min=0, read_only=True),
         "rate_hz": P(10.0, "Control / publish rate; one env step per period", min=0.5, max=200.0,
@@ -166,7 +168,8 @@ class SimNode(Node):
             from ire_vla_ros.sim.metaworld_env import MetaworldTaskEnv
 
             self.env = MetaworldTaskEnv(self.p.task, image_size=self.p.image_size, camera=self.p.camera,
-                                        seed=self.p.seed, max_episode_steps=2**31 - 1)
+                                        seed=self.p.seed, max_episode_steps=2**31 - 1,
+                                        action_repeat=self.p.action_repeat)
         except (ValueError, KeyError, RuntimeError, ImportError) as exc:
             raise NodeStartupError(f"cannot create Metaworld task {self.p.task!r}: {exc}") from exc
         self.spec = self.env.action_spec
@@ -310,7 +313,12 @@ class SimNode(Node):
             obs, reward, _, _, info = self.env.step(action)
             self.last_reward = float(reward)
             self.success = bool(info["success"])
-            self._publish_observation(now, obs.image)
+            try:
+                self._publish_observation(now, obs.image)
+            except Exception:
+                if self.context.ok():
+                    raise
+                return  # shutting down (Ctrl-C / SIGTERM) while this tick was running
         self._tick_times.append(time.monotonic())
         if len(self._tick_times) > 50:
             del self._tick_times[0]

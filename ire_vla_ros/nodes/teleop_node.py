@@ -276,6 +276,13 @@ class TeleopNode(Node):
 
     # publishing --------------------------------------------------------------------------
     def publish_action(self, action: np.ndarray, action_stamp=None) -> None:
+        try:
+            self._publish_action(action, action_stamp)
+        except Exception:
+            if self.context.ok():
+                raise  # a real error; otherwise we are shutting down mid-publish
+
+    def _publish_action(self, action: np.ndarray, action_stamp=None) -> None:
         now = self.get_clock().now().to_msg()
         lin, ang, grip = action_to_command(action, self.spec, self.p.rate_hz)
         tw = TwistStamped()

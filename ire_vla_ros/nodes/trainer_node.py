@@ -33,6 +33,7 @@ import threading
 import time
 from pathlib import Path
 
+from rclpy.exceptions import ParameterUninitializedException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import String
@@ -68,11 +69,14 @@ def parse_line(line: str):
 
 
 def build_command(template: list[str], values: dict[str, str]) -> list[str]:
-    """Fill `{name}` placeholders; an `--option {x}` pair whose value is empty is left out."""
+    """Replace the `{name}` placeholders of `values` (other braces are left alone); an
+    `--option {x}` pair whose placeholder is empty is left out."""
     out: list[str] = []
     for arg in template:
-        filled = arg.format(**values) if "{" in arg else arg
-        if filled == "" and "{" in arg and out and out[-1].startswith("--"):
+        filled = arg
+        for name, value in values.items():
+            filled = filled.replace("{" + name + "}", str(value))
+        if filled == "" and arg != "" and out and out[-1].startswith("--"):
             out.pop()
             continue
         out.append(filled)
@@ -239,7 +243,10 @@ class TrainerNode(Node):
                                f"{self._param('episodes_dir')} -> {self._param('checkpoints_dir')}")
 
     def _param(self, name):
-        return self.get_parameter(name).value
+        try:
+            return self.get_parameter(name).value
+        except ParameterUninitializedException:  # an array declared by type only, never set
+            return None
 
     # status --------------------------------------------------------------------------------
     def status(self) -> dict:
@@ -271,7 +278,7 @@ class TrainerNode(Node):
                           device=str(self._param("device")))
             try:
                 command = build_command(list(self._param("command")), values) + list(self._param("extra_args") or [])
-            except (KeyError, IndexError, ValueError) as exc:
+            except (TypeError, ValueError) as exc:
                 resp.success, resp.message = False, f"bad command parameter: {exc}"
                 return resp
             log_dir = Path(self._param("log_dir") or Path(ckpt) / "logs")

@@ -40,16 +40,9 @@ def decode_image(encoding: str, height: int, width: int, step: int, data, is_big
         )
     channels = SUPPORTED_ENCODINGS[enc]
     height, width, step = int(height), int(width), int(step)
-    if height <= 0 or width <= 0:
-        raise ImageDecodeError(f"empty image: {width}x{height}")
-    row_bytes = width * channels
-    if step < row_bytes:
-        raise ImageDecodeError(f"step {step} < width*channels = {width}*{channels} = {row_bytes} ({encoding})")
     buf = np.frombuffer(_as_bytes(data), dtype=np.uint8)
-    if buf.size != step * height:
-        raise ImageDecodeError(
-            f"data length {buf.size} != step*height = {step}*{height} = {step * height} ({encoding} {width}x{height})"
-        )
+    _check_layout(enc, height, width, step, buf.size)
+    row_bytes = width * channels
     img = buf.reshape(height, step)[:, :row_bytes].reshape(height, width, channels)
     if enc == "rgb8":
         return img.copy()
@@ -61,6 +54,19 @@ def decode_image(encoding: str, height: int, width: int, step: int, data, is_big
         return np.ascontiguousarray(img[:, :, 2::-1])
     # mono8
     return np.ascontiguousarray(np.repeat(img, 3, axis=2))
+
+
+def _check_layout(enc: str, height: int, width: int, step: int, size: int) -> None:
+    channels = SUPPORTED_ENCODINGS[enc]
+    if height <= 0 or width <= 0:
+        raise ImageDecodeError(f"empty image: {width}x{height}")
+    row_bytes = width * channels
+    if step < row_bytes:
+        raise ImageDecodeError(f"step {step} < width*channels = {width}*{channels} = {row_bytes} ({enc})")
+    if size != step * height:
+        raise ImageDecodeError(
+            f"data length {size} != step*height = {step}*{height} = {step * height} ({enc} {width}x{height})"
+        )
 
 
 def _as_bytes(data):
@@ -148,6 +154,9 @@ class CvBridgeDecoder:
             return None
 
     def __call__(self, msg) -> np.ndarray:
+        enc = (msg.encoding or "").lower()
+        if enc in SUPPORTED_ENCODINGS:  # same layout checks as the built-in path
+            _check_layout(enc, int(msg.height), int(msg.width), int(msg.step), len(msg.data))
         try:
             img = self._bridge.imgmsg_to_cv2(msg, desired_encoding="rgb8")
         except Exception as exc:  # CvBridgeError, cv2.error, ValueError, TypeError

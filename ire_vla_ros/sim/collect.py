@@ -38,6 +38,7 @@ def collect_expert_episodes(
     source: str = "teleop",
     iteration: int = 0,
     camera_name: str = "main",
+    action_repeat: int = 1,
 ) -> list[Path]:
     """Roll out the scripted expert on seeds seed0, seed0+1, ... and write one episode per rollout.
 
@@ -63,7 +64,7 @@ def collect_expert_episodes(
     paths: list[Path] = []
     n_success = n_tried = 0
     env = MetaworldTaskEnv(task, image_size=image_size, camera=camera, max_episode_steps=max_episode_steps,
-                           seed=seed0, render=True)
+                           seed=seed0, render=True, action_repeat=action_repeat)
     dt = float(env.unwrapped.dt)
     bar = tqdm(total=n_episodes, desc=f"collect {task}", unit="ep", disable=not progress)
     try:

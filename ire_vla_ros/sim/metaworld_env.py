@@ -19,6 +19,7 @@ This module never imports rclpy.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import ctypes.util
 import os
 import threading
@@ -183,6 +184,7 @@ class MetaworldTaskEnv:
         seed: int = 0,
         render: bool = True,
         instruction: str | None = None,
+        action_repeat: int = 1,
     ):
         global _ATEXIT_REGISTERED
         import metaworld  # heavy import, and after the MUJOCO_GL set-up above
@@ -204,7 +206,14 @@ class MetaworldTaskEnv:
 
         self.task = task
         self.instruction = instruction
-        self.action_spec: ActionSpec = METAWORLD_4D
+        if action_repeat < 1:
+            raise ValueError("action_repeat must be >= 1")
+        # Each policy action is applied `action_repeat` times (one camera frame per decision): a
+        # shorter decision horizon for RL and fewer renders. One unit of dx then moves the mocap
+        # action_repeat * 1 cm, which the action spec records for the ROS twist conversion.
+        self.action_repeat = int(action_repeat)
+        self.action_spec: ActionSpec = dataclasses.replace(
+            METAWORLD_4D, translation_scale_m=METAWORLD_4D.translation_scale_m * self.action_repeat)
         self.joint_names: list[str] = list(SAWYER_JOINT_NAMES)
         self.camera = camera
         self.max_episode_steps = int(max_episode_steps)
@@ -275,10 +284,13 @@ class MetaworldTaskEnv:
         if a.shape != (self.action_spec.dim,):
             raise ValueError(f"action must have shape ({self.action_spec.dim},), got {np.shape(action)}")
         a = np.clip(np.nan_to_num(a, nan=0.0), -1.0, 1.0)
-        raw, reward, _, _, info = self._env.step(a)
-        self._raw_obs = raw
+        for _ in range(self.action_repeat):
+            raw, reward, _, _, info = self._env.step(a)
+            self._raw_obs = raw
+            success = bool(info.get("success", 0.0) >= 1.0)
+            if success:
+                break
         self._steps += 1
-        success = bool(info.get("success", 0.0) >= 1.0)
         info = dict(info)
         info["success"] = success
         info["steps"] = self._steps

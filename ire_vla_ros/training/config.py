@@ -11,7 +11,8 @@ import yaml
 class EnvConfig:
     image_size: int = 64
     camera: str = "corner"
-    max_episode_steps: int = 150
+    max_episode_steps: int = 150  # policy decisions per episode
+    action_repeat: int = 1  # physics steps (12.5 ms each) per decision
 
 
 @dataclass
@@ -70,7 +71,9 @@ class PPOConfig:
     reward: str = "sparse"  # "sparse": 1 on success (the paper); "dense": Metaworld's shaped reward
     dense_reward_scale: float = 0.1
     init_log_std: float = -1.0  # exploration noise (normalized action units) set at the start of Stage 1
-    critic_warmup_updates: int = 2  # value-only passes over the first batch: the critic starts fresh
+    # The critic starts fresh: for the first rollouts only it trains (actor untouched), so the
+    # first policy updates do not follow the advantages of a random value function.
+    critic_warmup_rollouts: int = 2
     freeze_backbone: bool = True  # False only for the ablation (full-model PPO)
     keep_successful: bool = True  # write successful rollouts to the episode store for Stage 2
     seed: int = 0
@@ -117,8 +120,25 @@ def _build(cls, data: dict, where: str):
         if is_dataclass(default) and value is not None:
             kwargs[key] = _build(type(default), value, f"{where}.{key}")
         else:
-            kwargs[key] = value
+            kwargs[key] = _coerce(value, default, f"{where}.{key}")
     return cls(**kwargs)
+
+
+def _coerce(value, default, where: str):
+    """YAML reads '3e-4' as a string (1.1 wants '3.0e-4'): convert to the field's type."""
+    if isinstance(default, bool) or value is None or default is None:
+        return value
+    if isinstance(default, (int, float)) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: expected a number, got {value!r}") from e
+        if isinstance(default, int):
+            if not number.is_integer():
+                raise ValueError(f"{where}: expected an integer, got {value!r}")
+            return int(number)
+        return number
+    return value
 
 
 def load_iterate_config(path: str | Path | None = None, overrides: dict | None = None) -> IterateConfig:

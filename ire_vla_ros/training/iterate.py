@@ -141,7 +141,7 @@ class IterationRunner:
                                              noise_std=c.noise_std, image_size=self.cfg.env.image_size,
                                              camera=self.cfg.env.camera,
                                              max_episode_steps=self.cfg.env.max_episode_steps,
-                                             progress=self.progress)
+                                             action_repeat=self.cfg.env.action_repeat, progress=self.progress)
         return paths
 
 

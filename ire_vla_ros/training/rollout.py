@@ -26,7 +26,8 @@ def make_envs(tasks: list[str], n_per_task: int, env_cfg: EnvConfig, render: boo
     from ..sim.metaworld_env import MetaworldTaskEnv
 
     return [MetaworldTaskEnv(task, image_size=env_cfg.image_size, camera=env_cfg.camera,
-                             max_episode_steps=env_cfg.max_episode_steps, render=render)
+                             max_episode_steps=env_cfg.max_episode_steps, render=render,
+                             action_repeat=env_cfg.action_repeat)
             for task in tasks for _ in range(n_per_task)]
 
 

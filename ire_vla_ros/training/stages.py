@@ -87,16 +87,13 @@ def stage1_ppo_sim(policy: VLAPolicy, envs, cfg: PPOConfig, *, episode_root: Pat
     for u in bar:
         batch = collector.collect(policy, cfg.rollout_len)
         compute_gae(batch, cfg.gamma, cfg.gae_lambda)
-        if u == 0 and cfg.critic_warmup_updates:
-            for _ in range(cfg.critic_warmup_updates):
-                ppo_update(policy, optimizer, batch, cfg, value_only=True)
-        stats = ppo_update(policy, optimizer, batch, cfg)
+        stats = ppo_update(policy, optimizer, batch, cfg, value_only=u < cfg.critic_warmup_rollouts)
         recent = collector.recent[-50:]
         stats.update(update=u, env_steps=(u + 1) * per_update, episodes=collector.episodes_done,
                      train_success_rate=float(np.mean([s for _, s in recent])) if recent else 0.0,
                      mean_reward=float(batch.rewards.mean()))
         history.append(stats)
-        bar.set_postfix(succ=f"{stats['train_success_rate']:.2f}", kl=f"{stats['approx_kl']:.3f}")
+        bar.set_postfix(succ=f"{stats['train_success_rate']:.2f}", v_loss=f"{stats['v_loss']:.4f}")
         report("stage1", (u + 1) / n_updates, f"update {u + 1}/{n_updates} train success {stats['train_success_rate']:.2f}")
     policy.eval()
     return {"updates": history, "episodes": collector.episodes_done, "successes": collector.successes,
@@ -152,7 +149,7 @@ def stage1_ppo_offline(policy: VLAPolicy, online_paths, cfg: PPOConfig, report: 
     optimizer = begin_stage1(policy, cfg)
     batch = cache_from_episodes(policy, online_paths, cfg)
     compute_gae(batch, cfg.gamma, cfg.gae_lambda)
-    for _ in range(cfg.critic_warmup_updates):
+    for _ in range(cfg.critic_warmup_rollouts):  # one recorded batch: warm the critic on it first
         ppo_update(policy, optimizer, batch, cfg, value_only=True)
     report("stage1", 0.5, f"PPO on {len(online_paths)} recorded episodes")
     stats = ppo_update(policy, optimizer, batch, cfg)
