@@ -10,7 +10,7 @@ reward_node), `/policy_node/enable` (SetBool) to let the policy act, `/trainer_n
 to train; the policy reloads the new checkpoint when checkpoint == checkpoints_dir.
 """
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
 from launch_ros.actions import Node
@@ -39,6 +39,14 @@ def generate_launch_description():
         return PathJoinSubstitution([FindPackageShare(PACKAGE), "config", name])
 
     return LaunchDescription([
+        # Camera images (640x480 rgb8 is 921 KB) exceed Fast DDS's default 512 KB shared-memory
+        # segment and fall back to fragmented UDP (measured: 5 Hz of 30 Hz delivered, best effort).
+        # This profile gives SHM a 16 MB segment (30 Hz). Jazzy's Fast DDS 2.14 reads only the
+        # FASTRTPS_ name; FASTDDS_ is the 3.x name. dds_profile:='' keeps the environment's own.
+        DeclareLaunchArgument("dds_profile", default_value=config("fastdds_shm.xml"),
+                              description="Fast DDS XML profile for every node ('' = leave unset)"),
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile")),
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile")),
         DeclareLaunchArgument("task", default_value="button-press-topdown-v3", description="Metaworld v3 task"),
         DeclareLaunchArgument("checkpoint", default_value="models/metaworld_tiny",
                               description="policy checkpoint dir or root with `latest` (default: "

@@ -36,7 +36,7 @@ from ire_vla_ros.vla.testing import make_tiny_checkpoint
 TASK = "button-press-topdown-v3"
 RATE = 10.0
 TINY_TRAINING = ["--set", "sft.steps=10", "--set", "sft.batch_size=8", "--set", "ppo.update_epochs=1",
-                 "--set", "ppo.minibatch_size=16", "--set", "ppo.critic_warmup_updates=1",
+                 "--set", "ppo.minibatch_size=16", "--set", "ppo.critic_warmup_rollouts=1",
                  "--set", "torch_threads=1"]
 
 

@@ -41,7 +41,7 @@ def test_one_iteration_end_to_end(tmp_path):
     meta = read_metadata(latest)
     assert meta["iteration"] == 1 and meta["stage"] == "sft"
     ppo = on_disk["stages"][1]["train"]["updates"]
-    assert len(ppo) == 2 and all(np.isfinite(u["approx_kl"]) for u in ppo)
+    assert len(ppo) == 2 and all(np.isfinite(u["v_loss"]) for u in ppo)
     assert "stage0_sft" in success_table(results)
 
 

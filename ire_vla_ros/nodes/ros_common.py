@@ -23,6 +23,7 @@ A node constructor that raises `NodeStartupError` makes main() log the reason an
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -230,8 +231,19 @@ def run_node(
             executor.shutdown()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception as exc:  # noqa: BLE001
+        # SIGTERM shuts the context down under a spinning executor, which then raises RCLError
+        # ("context is not valid"): that is a normal stop, anything while ROS is still up is not.
+        if rclpy.ok():
+            raise
+        rclpy.logging.get_logger(prog).debug(f"executor stopped by shutdown: {exc}")
     finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
+        # A second Ctrl-C must not interrupt teardown half-way (node.destroy_node, rcl handles).
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if node is not None:
+                node.destroy_node()
+            rclpy.try_shutdown()
+        finally:
+            signal.signal(signal.SIGINT, previous)
     return code
