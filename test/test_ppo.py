@@ -124,3 +124,35 @@ def test_begin_stage1_resets_critic_and_exploration_noise():
     begin_stage1(policy, PPOConfig(init_log_std=-0.5))
     assert not all(torch.all(p == 0.123) for p in policy.critic.parameters())
     assert torch.allclose(policy.actor.log_std, torch.full_like(policy.actor.log_std, -0.5))
+
+
+def test_log_prob_of_a_clipped_action_is_the_tail_mass():
+    """A sample beyond the action bound executes as the bound: its likelihood is the tail mass,
+    and moving the mean further out of bounds changes it only through that mass."""
+    from ire_vla_ros.vla.action_spec import ActionSpec
+
+    spec = ActionSpec(names=("x",), low=(-1.0,), high=(1.0,))
+    policy = make_tiny_policy(action_spec=spec)
+    policy.set_normalization([0.0], [1.0], np.zeros(9), np.ones(9))
+    mean = torch.tensor([[0.5]], requires_grad=True)
+    dist = torch.distributions.Normal(mean, torch.tensor([[0.5]]))
+    lp_out = policy.log_prob(dist, torch.tensor([[1.7]]))  # beyond +1: executes as +1
+    expected = torch.log(1 - torch.distributions.Normal(0.5, 0.5).cdf(torch.tensor(1.0)))
+    torch.testing.assert_close(lp_out, expected.reshape(1), atol=1e-5, rtol=1e-5)
+    lp_in = policy.log_prob(dist, torch.tensor([[0.2]]))
+    torch.testing.assert_close(lp_in, dist.log_prob(torch.tensor([[0.2]])).sum(-1))
+    # Two samples beyond the bound are the same executed action: same likelihood.
+    torch.testing.assert_close(policy.log_prob(dist, torch.tensor([[3.0]])), lp_out)
+
+
+def test_success_bonus_makes_finishing_worth_more_than_hovering():
+    """Episodes end on success: with dense reward the success step must be worth at least holding
+    the best step reward forever, or PPO learns not to finish (seen on button-press)."""
+    from ire_vla_ros.training.config import success_bonus
+
+    sparse, dense = PPOConfig(reward="sparse"), PPOConfig(reward="dense", dense_reward_scale=0.1, gamma=0.99)
+    assert success_bonus(sparse) == 1.0
+    best_step = 10.0 * dense.dense_reward_scale
+    hover_return = sum(best_step * dense.gamma ** k for k in range(10_000))
+    assert success_bonus(dense) >= hover_return - 1e-6
+    assert success_bonus(PPOConfig(success_bonus=3.0)) == 3.0

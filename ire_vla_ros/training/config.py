@@ -70,6 +70,11 @@ class PPOConfig:
     norm_adv: bool = True
     reward: str = "sparse"  # "sparse": 1 on success (the paper); "dense": Metaworld's shaped reward
     dense_reward_scale: float = 0.1
+    # Reward on the success step, which ends the episode. None: 1 with sparse reward; with dense
+    # reward, the discounted return of holding Metaworld's maximum step reward (10) forever. Any
+    # less and finishing the task would cost reward: measured, PPO then learned to hover next to
+    # the button instead of pressing it (success 0.42 -> 0.00).
+    success_bonus: float | None = None
     init_log_std: float = -1.0  # exploration noise (normalized action units) set at the start of Stage 1
     # The critic starts fresh: for the first rollouts only it trains (actor untouched), so the
     # first policy updates do not follow the advantages of a random value function.
@@ -77,6 +82,14 @@ class PPOConfig:
     freeze_backbone: bool = True  # False only for the ablation (full-model PPO)
     keep_successful: bool = True  # write successful rollouts to the episode store for Stage 2
     seed: int = 0
+
+
+def success_bonus(cfg: PPOConfig) -> float:
+    if cfg.success_bonus is not None:
+        return float(cfg.success_bonus)
+    if cfg.reward == "dense":
+        return 10.0 * cfg.dense_reward_scale / (1.0 - cfg.gamma)
+    return 1.0
 
 
 @dataclass

@@ -173,13 +173,15 @@ def plot_success_rates(results: dict, path: Path) -> None:
     width = 0.8 / max(len(tasks), 1)
     fig, ax = plt.subplots(figsize=(2 + 1.6 * len(stages), 4))
     for i, task in enumerate(tasks):
-        rates = [s["eval"][task]["success_rate"] for s in stages]
-        ax.bar(x + (i - (len(tasks) - 1) / 2) * width, rates, width, label=task)
+        rates = np.array([s["eval"][task]["success_rate"] for s in stages])
+        n = np.array([max(s["eval"][task]["episodes"], 1) for s in stages])
+        stderr = np.sqrt(rates * (1 - rates) / n)  # binomial standard error: how much to trust a bar
+        ax.bar(x + (i - (len(tasks) - 1) / 2) * width, rates, width, yerr=stderr, capsize=3, label=task)
     mean = [np.mean([s["eval"][t]["success_rate"] for t in tasks]) for s in stages]
     ax.plot(x, mean, "k-o", label="mean")
     ax.set_xticks(x, labels, rotation=15)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("success rate (held-out seeds)")
+    ax.set_ylabel("success rate (held-out seeds, ±1 s.e.)")
     ax.set_title("iRe-VLA in Metaworld: success rate after each stage")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -138,13 +138,15 @@ def ppo_update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Froze
                 loss, s = v_loss, {"v_loss": v_loss.item()}
             else:
                 dist = policy.distribution(hidden, mask, state)
-                new_log_prob = dist.log_prob(batch.actions[t_idx, n_idx]).sum(-1)
+                new_log_prob = policy.log_prob(dist, batch.actions[t_idx, n_idx])
                 loss, s = ppo_loss(new_log_prob, batch.log_probs[t_idx, n_idx], batch.advantages[t_idx, n_idx],
                                    new_value, batch.returns[t_idx, n_idx], dist.entropy().sum(-1), cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            params = [p for g in optimizer.param_groups for p in g["params"]]
-            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            # Clip each parameter group on its own: the critic's gradient (value targets can be
+            # large with dense reward) must not shrink the actor's step through a shared norm.
+            for group in optimizer.param_groups:
+                nn.utils.clip_grad_norm_(group["params"], cfg.max_grad_norm)
             optimizer.step()
             epoch_stats.append(s)
         epochs_run += 1

@@ -16,7 +16,7 @@ import torch
 
 from ..episodes.store import EpisodeWriter
 from ..vla.policy import VLAPolicy
-from .config import EnvConfig, PPOConfig
+from .config import EnvConfig, PPOConfig, success_bonus
 from .ppo import FrozenFeatureCache
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ class RolloutCollector:
 
     def collect(self, policy: VLAPolicy, steps_per_env: int) -> FrozenFeatureCache:
         cfg, n = self.cfg, len(self.envs)
+        if cfg.reward not in ("sparse", "dense"):
+            raise ValueError(f"ppo.reward must be 'sparse' or 'dense', got {cfg.reward!r}")
+        bonus = success_bonus(cfg)
         keep_images = self.keep_images
         hidden, mask, states, actions, logps, values = [], [], [], [], [], []
         rewards = torch.zeros(steps_per_env, n)
@@ -92,9 +95,9 @@ class RolloutCollector:
             for i, env in enumerate(self.envs):
                 obs, dense, terminated, truncated, info = env.step(out.actions[i])
                 success = bool(info.get("success", False))
-                r = 1.0 if (success and cfg.reward == "sparse") else 0.0
-                if cfg.reward == "dense":
-                    r = dense * cfg.dense_reward_scale + (1.0 if success else 0.0)
+                r = bonus if success else 0.0
+                if cfg.reward == "dense" and not success:
+                    r = dense * cfg.dense_reward_scale
                 rewards[t, i] = r
                 rec = self.records[i]
                 rec.images.append(self.obs[i].image)

@@ -136,7 +136,7 @@ def cache_from_episodes(policy: VLAPolicy, paths, cfg: PPOConfig, batch_size: in
         valid[: ep.n_steps, n] = 1.0
     st = states.reshape(T * N, S)
     h2, m2 = hidden.reshape(T * N, m, d), mask.reshape(T * N, m)
-    log_probs = policy.distribution(h2, m2, st).log_prob(actions.reshape(T * N, A)).sum(-1).reshape(T, N)
+    log_probs = policy.log_prob(policy.distribution(h2, m2, st), actions.reshape(T * N, A)).reshape(T, N)
     values = policy.value(h2, m2, st).reshape(T, N) * valid
     zeros = torch.zeros(T, N, device=dev)
     return FrozenFeatureCache(hidden=hidden, mask=mask, states=states, actions=actions, log_probs=log_probs,

@@ -51,7 +51,7 @@ class PolicyConfig:
 @dataclass
 class ActResult:
     action: np.ndarray  # environment units, clipped, float32
-    log_prob: float  # of the (unclipped) normalized sample under the current policy
+    log_prob: float  # of the executed (clipped) action under the current policy, see VLAPolicy.log_prob
     value: float
     normalized_action: np.ndarray
 
@@ -159,6 +159,29 @@ class VLAPolicy(nn.Module):
     def distribution(self, hidden, mask, state_n) -> torch.distributions.Normal:
         return self.actor.distribution(hidden, mask, state_n)
 
+    def normalized_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        low = (self._action_low.to(self.device) - self.action_mean) / self.action_std
+        high = (self._action_high.to(self.device) - self.action_mean) / self.action_std
+        return low, high
+
+    def log_prob(self, dist: torch.distributions.Normal, a_n: torch.Tensor) -> torch.Tensor:
+        """Log-likelihood of the action the robot executes, summed over dimensions.
+
+        Actions are clipped to the action spec before execution, so a sample beyond a bound
+        executes as the bound: its probability is the Gaussian tail mass, not the density
+        (clipped action policy gradient, Fujita & Maeda 2018). Expert actions sit on the bounds
+        often (Metaworld's scripted policies saturate), and with the plain density PPO would
+        follow noise in dimensions whose change the robot never sees.
+        """
+        low, high = self.normalized_bounds()
+        z_low = (low - dist.mean) / dist.stddev
+        z_high = (high - dist.mean) / dist.stddev
+        inside = dist.log_prob(a_n)
+        below = torch.special.log_ndtr(z_low)  # P(sample <= low)
+        above = torch.special.log_ndtr(-z_high)  # P(sample >= high)
+        lp = torch.where(a_n <= low, below, torch.where(a_n >= high, above, inside))
+        return lp.sum(-1)
+
     def value(self, hidden, mask, state_n) -> torch.Tensor:
         return self.critic(hidden, mask, state_n)
 
@@ -168,7 +191,7 @@ class VLAPolicy(nn.Module):
         state_n = self.normalize_state(states)
         dist = self.distribution(hidden, mask, state_n)
         a_n = dist.mean if deterministic else dist.sample()
-        log_prob = dist.log_prob(a_n).sum(-1)
+        log_prob = self.log_prob(dist, a_n)
         value = self.value(hidden, mask, state_n)
         actions = self.unnormalize_action(a_n)
         return BatchAct(
