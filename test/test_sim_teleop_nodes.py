@@ -37,6 +37,7 @@ from ire_vla_ros.nodes.teleop_node import (
 )
 from ire_vla_ros.robot.image_codec import decode_image_msg
 from ire_vla_ros.vla.action_spec import EE_DELTA_7D, METAWORLD_4D
+from ros_harness import Harness, wait_for  # noqa: E402
 
 TASK = "button-press-topdown-v3"
 
@@ -100,52 +101,8 @@ def test_keyboard_mapper_and_noise():
 # =============================================================================================
 # ROS
 # =============================================================================================
-class Harness:
-    def __init__(self, domain_id: int):
-        self.ctx = Context()
-        rclpy.init(context=self.ctx, domain_id=domain_id)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
-        self.probe = Node("probe", context=self.ctx)
-        self.executor.add_node(self.probe)
-        self.nodes = [self.probe]
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def add(self, node_cls, **params):
-        node = node_cls(context=self.ctx, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-        self.nodes.append(node)
-        self.executor.add_node(node)
-        return node
-
-    def call(self, srv_type, name, request=None, timeout=10.0):
-        client = self.probe.create_client(srv_type, name)
-        assert client.wait_for_service(timeout_sec=timeout), f"{name} not available"
-        done = threading.Event()
-        future = client.call_async(request or srv_type.Request())
-        future.add_done_callback(lambda _f: done.set())
-        assert done.wait(timeout), f"{name} did not answer"
-        self.probe.destroy_client(client)
-        return future.result()
-
-    def collect(self, msg_type, topic, qos=RELIABLE_QOS):
-        got = []
-        self.probe.create_subscription(msg_type, topic, got.append, qos)
-        return got
-
-    def close(self):
-        self.executor.shutdown()
-        for n in reversed(self.nodes):
-            n.destroy_node()
-        rclpy.shutdown(context=self.ctx)
 
 
-def wait_for(pred, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

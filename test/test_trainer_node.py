@@ -23,6 +23,7 @@ from std_srvs.srv import Trigger
 
 from ire_vla_ros.nodes.ros_common import LATCHED_QOS
 from ire_vla_ros.nodes.trainer_node import DEFAULT_COMMAND, TrainerNode, TrainingJob, build_command, parse_line
+from ros_harness import Harness, wait_for  # noqa: E402
 
 # prints progress, a checkpoint, exits 0; `{episodes}` is checked to be substituted
 SCRIPT_OK = (
@@ -63,38 +64,6 @@ def test_training_job_without_ros(tmp_path):
     assert job.state() == "cancelled"
 
 
-class Harness:
-    def __init__(self, domain_id):
-        self.ctx = Context()
-        rclpy.init(context=self.ctx, domain_id=domain_id)
-        self.executor = MultiThreadedExecutor(num_threads=3, context=self.ctx)
-        self.probe = Node("probe", context=self.ctx)
-        self.executor.add_node(self.probe)
-        self.nodes = [self.probe]
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def add(self, node_cls, **params):
-        node = node_cls(context=self.ctx, parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-        self.nodes.append(node)
-        self.executor.add_node(node)
-        return node
-
-    def call(self, srv_type, name, timeout=10.0):
-        client = self.probe.create_client(srv_type, name)
-        assert client.wait_for_service(timeout_sec=timeout)
-        done = threading.Event()
-        fut = client.call_async(srv_type.Request())
-        fut.add_done_callback(lambda _f: done.set())
-        assert done.wait(timeout)
-        return fut.result()
-
-    def close(self):
-        self.executor.shutdown()
-        for n in reversed(self.nodes):
-            n.destroy_node()
-        rclpy.shutdown(context=self.ctx)
-
 
 @pytest.fixture
 def ros(ros_domain_id):
@@ -103,13 +72,7 @@ def ros(ros_domain_id):
     h.close()
 
 
-def wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+
 
 
 def _state(status):
