@@ -20,7 +20,10 @@ PACKAGE = "ire_vla_ros"
 
 # Equal to ire_vla_ros.nodes.bringup.MODE_OVERRIDES["sim"] (checked by test/test_launch_files.py).
 OVERRIDES = {
-    "policy_node": {"command_frame": "world", "workspace_enabled": False, "servo_switch_service": ""},
+    "policy_node": {"command_frame": "world", "workspace_enabled": False, "servo_switch_service": "",
+                    # the shipped sim model moves up to 2 cm per axis per step (action_repeat 2):
+                    # a 2 cm norm clamp, right for an arm, would slow it below what it was trained on
+                    "max_translation_m": 0.035},
     "teleop_node": {"mode": "scripted_expert", "action_spec": "metaworld_4d", "frame_id": "world"},
     "reward_node": {"backend": "sim"},
     "recorder_node": {"start_services": ["/sim_node/reset", "/reward_node/start_episode"]},
