@@ -61,7 +61,7 @@ def cmd_collect(args) -> int:
 def cmd_train_sft(args) -> int:
     from .episodes.store import scan_episodes
     from .training.stages import new_policy, stage0_sft, stage2_sft
-    from .vla.checkpoint import load_checkpoint, resolve_device, save_checkpoint
+    from .vla.checkpoint import load_checkpoint, read_metadata, resolve_device, save_checkpoint
 
     cfg = _load_cfg(args)
     device = resolve_device(cfg.device)
@@ -73,7 +73,7 @@ def cmd_train_sft(args) -> int:
     if args.init:
         policy = load_checkpoint(args.init, device=device)
         stats = stage2_sft(policy, expert, online, cfg.stage2_sft or cfg.sft, progress=not args.no_progress)
-        stage, iteration = "sft", int(getattr(policy, "iteration", 0))
+        stage, iteration = "sft", int(read_metadata(args.init).get("iteration", 0))
     else:
         from .episodes.store import read_episode
 

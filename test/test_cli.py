@@ -55,3 +55,25 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     f.write_text("ppo:\n  lr_actor: fast\n")
     with pytest.raises(ValueError, match="expected a number"):
         load_iterate_config(f)
+
+
+def test_collect_train_and_eval_commands_chain(tmp_path, capsys):
+    """collect -> train sft (Stage 0) -> train rl (Stage 1) -> train sft --init (Stage 2) -> eval."""
+    from ire_vla_ros.vla.checkpoint import read_metadata, resolve_checkpoint
+
+    tiny = ["--device", "cpu", "--no-progress", "--set", "torch_threads=1", "--set", "env.max_episode_steps=25",
+            "--set", "sft.steps=3", "--set", "sft.batch_size=4", "--set", "ppo.total_env_steps=16",
+            "--set", "ppo.num_envs=1", "--set", "ppo.rollout_len=16", "--set", "ppo.minibatch_size=8",
+            "--set", "ppo.update_epochs=1", "--set", "ppo.critic_warmup_rollouts=0"]
+    ep, ck = str(tmp_path / "ep"), str(tmp_path / "ck")
+    task = ["--tasks", "button-press-topdown-v3"]
+    assert main(["collect", "--out", ep, "--episodes", "1", *task, *tiny]) == 0
+    assert main(["train", "sft", "--episodes", ep, "--checkpoints", ck, *tiny]) == 0
+    assert read_metadata(ck)["iteration"] == 0
+    assert main(["train", "rl", "--init", ck, "--checkpoints", ck, "--episodes", ep, *task, *tiny]) == 0
+    assert read_metadata(ck)["stage"] == "rl" and read_metadata(ck)["iteration"] == 1
+    assert main(["train", "sft", "--episodes", ep, "--checkpoints", ck, "--init", ck, *tiny]) == 0
+    assert read_metadata(ck)["stage"] == "sft" and read_metadata(ck)["iteration"] == 1
+    capsys.readouterr()
+    assert main(["eval", str(resolve_checkpoint(ck)), "--episodes", "1", *task, *tiny]) == 0
+    assert '"success_rate"' in capsys.readouterr().out
