@@ -60,6 +60,7 @@ class PPOConfig:
     minibatch_size: int = 256
     lr_actor: float = 1e-4
     lr_critic: float = 1e-3
+    anneal_lr: bool = True  # linear decay to 0 over Stage 1, as CleanRL does by default
     gamma: float = 0.99
     gae_lambda: float = 0.95
     clip_coef: float = 0.2

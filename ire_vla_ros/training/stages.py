@@ -84,7 +84,11 @@ def stage1_ppo_sim(policy: VLAPolicy, envs, cfg: PPOConfig, *, episode_root: Pat
     n_updates = max(1, cfg.total_env_steps // per_update)
     history = []
     bar = tqdm(range(n_updates), desc="Stage 1 PPO", disable=not progress)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
     for u in bar:
+        if cfg.anneal_lr:
+            for g, lr in zip(optimizer.param_groups, base_lrs):
+                g["lr"] = lr * (1.0 - u / n_updates)
         batch = collector.collect(policy, cfg.rollout_len)
         compute_gae(batch, cfg.gamma, cfg.gae_lambda)
         stats = ppo_update(policy, optimizer, batch, cfg, value_only=u < cfg.critic_warmup_rollouts)
