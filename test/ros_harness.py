@@ -7,8 +7,9 @@ import threading
 import time
 
 import rclpy
+from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
@@ -19,10 +20,15 @@ class Harness:
     """A context, a MultiThreadedExecutor spinning in a thread, and a probe node."""
 
     def __init__(self, domain_id: int, num_threads: int = 4):
+        """num_threads=0: a SingleThreadedExecutor."""
         self.ctx = Context()
         rclpy.init(context=self.ctx, domain_id=domain_id)
-        self.executor = MultiThreadedExecutor(num_threads=num_threads, context=self.ctx)
+        if num_threads == 0:
+            self.executor = SingleThreadedExecutor(context=self.ctx)
+        else:
+            self.executor = MultiThreadedExecutor(num_threads=num_threads, context=self.ctx)
         self.probe = Node("probe", context=self.ctx)
+        self._collectors = ReentrantCallbackGroup()
         self.executor.add_node(self.probe)
         self.nodes = [self.probe]
         self.thread = threading.Thread(target=self.executor.spin, daemon=True)
@@ -46,7 +52,10 @@ class Harness:
 
     def collect(self, msg_type, topic, qos=RELIABLE_QOS):
         got = []
-        self.probe.create_subscription(msg_type, topic, got.append, qos)
+        # Reentrant (list.append is atomic): with the probe's collectors in one exclusive group,
+        # rclpy 7.1's MultiThreadedExecutor re-polls the blocked ones and starves the nodes under
+        # test of the GIL (measured: a 20 Hz sim timer ran 1-7 times a second).
+        self.probe.create_subscription(msg_type, topic, got.append, qos, callback_group=self._collectors)
         return got
 
     def close(self):

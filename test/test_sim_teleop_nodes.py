@@ -107,7 +107,9 @@ def test_keyboard_mapper_and_noise():
 
 @pytest.fixture
 def ros(ros_domain_id):
-    h = Harness(ros_domain_id)
+    # A single-threaded executor: with rclpy 7.1's MultiThreadedExecutor the sim's 20 Hz tick ran
+    # 0-7 times a second in this process (busy polling starves it of the GIL on 2 cores).
+    h = Harness(ros_domain_id, num_threads=0)
     yield h
     h.close()
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 import rclpy
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.parameter import Parameter
 from rclpy.qos import (
     DurabilityPolicy,
@@ -223,7 +223,9 @@ def run_node(
         except (NodeStartupError, ParameterException) as exc:
             rclpy.logging.get_logger(prog).fatal(f"cannot start: {exc}")
             return 1
-        executor = MultiThreadedExecutor(num_threads=num_threads)
+        # num_threads=1: a SingleThreadedExecutor (see sim_node: rclpy 7.1's MultiThreadedExecutor
+        # can starve a node whose timer does heavy Python work).
+        executor = SingleThreadedExecutor() if num_threads == 1 else MultiThreadedExecutor(num_threads=num_threads)
         executor.add_node(node)
         try:
             executor.spin()

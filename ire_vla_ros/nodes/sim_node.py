@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from geometry_msgs.msg import PoseStamped, TwistStamped
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float32, Float64, String
@@ -195,13 +196,21 @@ class SimNode(Node):
         self.expert_pub = self.create_publisher(JointState, "~/expert_action", RELIABLE_QOS)
         self.status_pub = self.create_publisher(String, "~/status", LATCHED_QOS)
         self.instruction_pub = self.create_publisher(String, self.p.instruction_topic, LATCHED_QOS)
-        self.create_subscription(TwistStamped, self.p.twist_topic, self._on_twist, COMMAND_QOS)
-        self.create_subscription(PoseStamped, self.p.pose_topic, self._on_pose, COMMAND_QOS)
-        self.create_subscription(Float64, self.p.gripper_topic, self._on_gripper, COMMAND_QOS)
-        self.create_service(Trigger, "~/reset", self._on_reset)
+        # Commands only store the newest value (the mixer's fields are replaced whole), so they may
+        # run while a tick renders: a reentrant group. With everything in the default exclusive
+        # group, rclpy's MultiThreadedExecutor re-polls the blocked command callbacks while a tick
+        # runs and starves it of the GIL: measured 3-7 ticks/s instead of 20 with a few subscribers.
+        commands = ReentrantCallbackGroup()
+        self.create_subscription(TwistStamped, self.p.twist_topic, self._on_twist, COMMAND_QOS,
+                                 callback_group=commands)
+        self.create_subscription(PoseStamped, self.p.pose_topic, self._on_pose, COMMAND_QOS,
+                                 callback_group=commands)
+        self.create_subscription(Float64, self.p.gripper_topic, self._on_gripper, COMMAND_QOS,
+                                 callback_group=commands)
+        self.create_service(Trigger, "~/reset", self._on_reset, callback_group=commands)  # under _env_lock
 
         self._reset()
-        self.timer = self.create_timer(self.dt, self._on_tick)
+        self.timer = self.create_timer(self.dt, self._on_tick, callback_group=MutuallyExclusiveCallbackGroup())
         self.get_logger().info(
             f"{self.p.task} ('{self.env.instruction}') at {self.p.rate_hz:g} Hz, {self.p.image_size}px "
             f"'{self.p.camera}' camera; 1 action unit = {scale * 1000:.1f} mm/step, command timeout "
@@ -343,7 +352,7 @@ class SimNode(Node):
 
 def main(args=None):
     return run_node(
-        SimNode, args, params=SimNode.PARAMS,
+        SimNode, args, params=SimNode.PARAMS, num_threads=1,  # the tick is the work; commands only cache
         description="Metaworld task behind robot interfaces (camera, joint states, Servo-style commands).",
     )
 
