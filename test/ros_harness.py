@@ -19,8 +19,9 @@ from ire_vla_ros.nodes.ros_common import RELIABLE_QOS
 class Harness:
     """A context, a MultiThreadedExecutor spinning in a thread, and a probe node."""
 
-    def __init__(self, domain_id: int, num_threads: int = 4):
-        """num_threads=0: a SingleThreadedExecutor."""
+    def __init__(self, domain_id: int, num_threads: int = 0):
+        """num_threads=0 (default): a SingleThreadedExecutor. rclpy 7.1's MultiThreadedExecutor busy-polls
+        and starved nodes of the GIL on this 2-core machine (a 20 Hz timer ran 0-7 times a second)."""
         self.ctx = Context()
         rclpy.init(context=self.ctx, domain_id=domain_id)
         if num_threads == 0:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import String
@@ -44,7 +44,7 @@ class Loop:
     def __init__(self, domain_id, tmp_path):
         self.ctx = Context()
         rclpy.init(context=self.ctx, domain_id=domain_id)
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
+        self.executor = SingleThreadedExecutor(context=self.ctx)  # see test/ros_harness.py
         self.probe = Node("probe", context=self.ctx)
         self.nodes = [self.probe]
         self.executor.add_node(self.probe)

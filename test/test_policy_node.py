@@ -20,7 +20,7 @@ import yaml
 from diagnostic_msgs.msg import DiagnosticArray
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image, JointState
@@ -136,7 +136,7 @@ class Rig:
         overrides = {"checkpoint": str(checkpoint), "stale_timeout_s": 0.3, "ee_pose_timeout_s": 0.3,
                      "control_rate_hz": 20.0, "servo_switch_service": "", **params}
         self.node = None
-        self.executor = MultiThreadedExecutor(num_threads=4, context=self.ctx)
+        self.executor = SingleThreadedExecutor(context=self.ctx)  # see test/ros_harness.py
         self.robot = FakeRobot(self.ctx, joint_names=robot_joint_names)
         self.executor.add_node(self.robot)
         self.node = PolicyNode(context=self.ctx,

@@ -184,7 +184,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for k, default in REMAP_ARGS.items():
         parser.add_argument("--" + k.replace("_", "-"), dest=k, default=default,
                             help=f"remap {default} (policy and recorder) to this topic")
-    parser.add_argument("--threads", type=int, default=4, help="executor threads (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="executor threads; 1 = SingleThreadedExecutor (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit (no ROS)")
 
 
@@ -218,7 +219,7 @@ def run(args) -> int:
     _warn_dds(args.mode)
 
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
     from rclpy.exceptions import ParameterException
 
     from ire_vla_ros.nodes.ros_common import NodeStartupError
@@ -249,7 +250,10 @@ def run(args) -> int:
                 log.fatal(f"{p.name} cannot start: {exc}")
                 code = 1
                 return code
-        executor = MultiThreadedExecutor(num_threads=args.threads)
+        # One thread by default: rclpy 7.1's MultiThreadedExecutor starved the sim's tick here
+        # (busy polling vs the GIL on 2 cores); every callback is short and nothing blocks on a future.
+        executor = (SingleThreadedExecutor() if args.threads <= 1
+                    else MultiThreadedExecutor(num_threads=args.threads))
         for n in nodes:
             executor.add_node(n)
         log.info(f"{args.mode}: running {', '.join(n.get_name() for n in nodes)}; Ctrl-C stops")
