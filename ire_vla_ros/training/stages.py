@@ -3,6 +3,7 @@ offline trainer (`ire-vla train offline`, which the trainer node runs).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Callable
@@ -30,10 +31,9 @@ def _noop(stage: str, fraction: float, message: str) -> None:
 def new_policy(cfg: IterateConfig, action_spec, joint_names, device: str) -> VLAPolicy:
     hp = cfg.policy
     backbone = BackboneConfig.from_dict({"image_size": cfg.env.image_size, "seed": cfg.seed, **hp.backbone})
-    pcfg = PolicyConfig(backbone=backbone, action_spec=action_spec, joint_names=list(joint_names),
-                        head_width=hp.head_width, head_queries=hp.head_queries, init_log_std=hp.init_log_std,
-                        lora_r=hp.lora_r, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
-                        lora_target_modules=hp.lora_target_modules)
+    # PolicyHParams holds PolicyConfig's sizes (head, LoRA) as YAML sees them: passed through by name.
+    sizes = {k: v for k, v in dataclasses.asdict(hp).items() if k != "backbone"}
+    pcfg = PolicyConfig(backbone=backbone, action_spec=action_spec, joint_names=list(joint_names), **sizes)
     torch.manual_seed(cfg.seed)
     return VLAPolicy(pcfg).to(device)
 
