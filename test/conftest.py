@@ -19,11 +19,35 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 _BASE_DOMAIN = int(os.environ.get("ROS_DOMAIN_ID", random.randint(1, 60)))
 _counter = iter(range(10_000))
+# IRE_VLA_TEST_DOMAINS=LO-HI confines this run's domain ids to LO..HI (inclusive), so test runs
+# started side by side on one machine never share a domain.
+_RANGE = os.environ.get("IRE_VLA_TEST_DOMAINS", "")
+
+
+def next_domain_id() -> int:
+    """A fresh domain id in 1..101 (or in IRE_VLA_TEST_DOMAINS)."""
+    if _RANGE:
+        lo, hi = (int(v) for v in _RANGE.split("-"))
+        return lo + (next(_counter) % (hi - lo + 1))
+    return 1 + (_BASE_DOMAIN + next(_counter)) % 101
 
 
 @pytest.fixture
 def ros_domain_id() -> int:
-    """A fresh domain id in 1..101 for one test (its nodes and any subprocess it starts)."""
-    domain = 1 + (_BASE_DOMAIN + next(_counter)) % 101
+    """A fresh domain id for one test (its nodes and any subprocess it starts)."""
+    domain = next_domain_id()
     os.environ["ROS_DOMAIN_ID"] = str(domain)
     return domain
+
+
+@pytest.fixture
+def ros(ros_domain_id):
+    """The shared ROS harness (test/ros_harness.py): own context and domain, a single-threaded
+    executor spinning in a thread, a probe node; closed after the test."""
+    from ros_harness import Harness
+
+    harness = Harness(ros_domain_id)
+    try:
+        yield harness
+    finally:
+        harness.close()
