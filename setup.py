@@ -14,7 +14,8 @@ def model_files():
     return [("share/" + package_name + "/" + d, files) for d, files in sorted(by_dir.items())]
 
 
-NODES = ["policy_node", "recorder_node", "reward_node", "trainer_node", "sim_node", "teleop_node"]
+NODES = ["policy_node", "recorder_node", "reward_node", "trainer_node", "sim_node", "teleop_node",
+         "fake_robot_node"]
 
 setup(
     name=package_name,
