@@ -237,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
         q = esub.add_parser(name, help=helptext)
         q.add_argument("path", type=Path, help="episode file" if name == "show" else "episode store root")
         q.set_defaults(func=cmd_episodes)
+    q = esub.add_parser("import-bag", help="rosbag2 recordings (MCAP/sqlite3) -> teleop episodes")
+    from .episodes import bag_import
+
+    bag_import.add_arguments(q)
+    q.set_defaults(func=bag_import.run)
 
     p = sub.add_parser("bringup", help="start the ROS 2 nodes in one process (manual composition)")
     try:
