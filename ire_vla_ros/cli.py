@@ -242,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bag_import.add_arguments(q)
     q.set_defaults(func=bag_import.run)
+    from .episodes import interop_cli
+
+    q = esub.add_parser("export", help="episodes -> MCAP files (Foxglove, PlotJuggler) or a LeRobotDataset v3.0")
+    interop_cli.add_export_arguments(q)
+    q.set_defaults(func=interop_cli.run_export)
+    q = esub.add_parser("import", help="a LeRobotDataset v3.0 -> episodes")
+    interop_cli.add_import_arguments(q)
+    q.set_defaults(func=interop_cli.run_import)
 
     p = sub.add_parser("bringup", help="start the ROS 2 nodes in one process (manual composition)")
     try:
