@@ -4,8 +4,13 @@ Two ways to get one, chosen by `BackboneConfig`:
 - `path`: a local directory holding a pretrained HF VLM (BLIP-2 by default, as in the paper), loaded
   with `from_pretrained(..., local_files_only=True)`; any HF image-text model whose forward returns
   hidden states can be swapped in by naming its class (`model_class`).
-- `preset: tiny`: the same BLIP-2 classes built from a small config with random init, for CPU runs
-  and tests. Its base weights are saved inside every checkpoint, so a tiny model reloads exactly.
+- `preset`: the same BLIP-2 classes (ViT, Q-Former, OPT) built from a config with random init; only
+  the weights differ from a pretrained model. `tiny` (~0.4 M parameters, sized by the config's
+  hidden_size/num_layers) runs the CPU demo and the tests; `small` (~30 M) is what a 2-core CPU can
+  still train in a benchmark; `blip2-opt-2.7b` has the architecture numbers of the published
+  Salesforce/blip2-opt-2.7b config (ViT-g/14 at 224 px, 12-layer Q-Former with 32 queries, OPT-2.7B:
+  ~3.8 B parameters) for GPU benchmarks. A preset's base weights are saved inside every checkpoint,
+  so a random-init model reloads exactly.
 
 Nothing here downloads: a missing local path is an error, never a hub request.
 """
@@ -28,7 +33,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class BackboneConfig:
-    preset: str | None = "tiny"  # "tiny" or None (then `path` is required)
+    preset: str | None = "tiny"  # a key of PRESETS, or None (then `path` is required)
     path: str | None = None  # local directory of a pretrained HF VLM
     model_class: str = "Blip2ForConditionalGeneration"
     image_size: int = 64  # tiny preset only; a pretrained model's processor decides its own
@@ -164,40 +169,104 @@ class VLMBackbone(nn.Module):
         return hidden, mask
 
 
-def tiny_blip2_config(cfg: BackboneConfig, vocab_size: int):
+# Architecture numbers per preset. `blip2-opt-2.7b` follows the published Salesforce/blip2-opt-2.7b
+# config.json: its vision_config and qformer_config are transformers' Blip2VisionConfig /
+# Blip2QFormerConfig defaults (ViT-g/14: 1408 wide, 39 layers, 16 heads, MLP 6144, 224 px; Q-Former:
+# 768 wide, 12 layers, 12 heads, MLP 3072, cross-attention every 2nd layer) and its text_config is
+# facebook/opt-2.7b (2560 wide, 32 layers, 32 heads, FFN 10240, vocab 50272, 2048 positions);
+# num_query_tokens 32. `tiny` reads its sizes from the BackboneConfig (hidden_size, num_layers,
+# image_size, num_query_tokens) so existing checkpoints keep their shapes.
+PRESETS: dict[str, dict] = {
+    "small": dict(
+        image_size=96, patch_size=16, vision_hidden=256, vision_layers=4, vision_heads=4, vision_mlp=1024,
+        qformer_hidden=256, qformer_layers=4, qformer_heads=4, qformer_mlp=1024, num_query_tokens=16,
+        text_hidden=512, text_layers=6, text_heads=8, text_ffn=2048, vocab_size=2048, max_positions=256,
+    ),
+    "blip2-opt-2.7b": dict(
+        image_size=224, patch_size=14, vision_hidden=1408, vision_layers=39, vision_heads=16, vision_mlp=6144,
+        qformer_hidden=768, qformer_layers=12, qformer_heads=12, qformer_mlp=3072, num_query_tokens=32,
+        text_hidden=2560, text_layers=32, text_heads=32, text_ffn=10240, vocab_size=50272, max_positions=2048,
+    ),
+}
+PRESET_NAMES = ("tiny",) + tuple(PRESETS)
+
+
+def preset_numbers(cfg: BackboneConfig) -> dict:
+    """The architecture numbers of cfg.preset (tiny: from the config's own fields)."""
+    if cfg.preset == "tiny":
+        h = cfg.hidden_size
+        return dict(
+            image_size=cfg.image_size, patch_size=8, vision_hidden=h, vision_layers=cfg.num_layers,
+            vision_heads=4, vision_mlp=2 * h, qformer_hidden=h, qformer_layers=cfg.num_layers,
+            qformer_heads=4, qformer_mlp=2 * h, num_query_tokens=cfg.num_query_tokens, text_hidden=h,
+            text_layers=cfg.num_layers, text_heads=4, text_ffn=2 * h, vocab_size=None, max_positions=128,
+        )
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown backbone preset {cfg.preset!r} (known: {', '.join(PRESET_NAMES)}, "
+                         "or null with a path)")
+    return dict(PRESETS[cfg.preset])
+
+
+def preset_blip2_config(cfg: BackboneConfig, vocab_size: int):
+    """A Blip2Config for cfg.preset; vocab_size is the tokenizer's (padded to the preset's size)."""
     from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
-    h = cfg.hidden_size
+    n = preset_numbers(cfg)
     vision = Blip2VisionConfig(
-        hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=4, image_size=cfg.image_size, patch_size=8,
+        hidden_size=n["vision_hidden"], intermediate_size=n["vision_mlp"], num_hidden_layers=n["vision_layers"],
+        num_attention_heads=n["vision_heads"], image_size=n["image_size"], patch_size=n["patch_size"],
     )
     qformer = Blip2QFormerConfig(
-        hidden_size=h, intermediate_size=2 * h, num_hidden_layers=cfg.num_layers,
-        num_attention_heads=4, encoder_hidden_size=h, vocab_size=vocab_size,
+        hidden_size=n["qformer_hidden"], intermediate_size=n["qformer_mlp"],
+        num_hidden_layers=n["qformer_layers"], num_attention_heads=n["qformer_heads"],
+        encoder_hidden_size=n["vision_hidden"],
+        # tiny keeps its historical Q-Former vocabulary (the tokenizer's); the others BERT's, as published
+        vocab_size=vocab_size if cfg.preset == "tiny" else 30522,
     )
     text = OPTConfig(
-        hidden_size=h, ffn_dim=2 * h, num_hidden_layers=cfg.num_layers, num_attention_heads=4,
-        vocab_size=vocab_size, word_embed_proj_dim=h, max_position_embeddings=128,
-        pad_token_id=0, bos_token_id=2, eos_token_id=2,
+        hidden_size=n["text_hidden"], ffn_dim=n["text_ffn"], num_hidden_layers=n["text_layers"],
+        num_attention_heads=n["text_heads"], vocab_size=vocab_size, word_embed_proj_dim=n["text_hidden"],
+        max_position_embeddings=n["max_positions"], pad_token_id=0, bos_token_id=2, eos_token_id=2,
     )
     return Blip2Config(
         vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-        num_query_tokens=cfg.num_query_tokens, image_token_index=3,  # WordTokenizer's <image>
+        num_query_tokens=n["num_query_tokens"], image_token_index=3,  # WordTokenizer's <image>
     )
+
+
+def tiny_blip2_config(cfg: BackboneConfig, vocab_size: int):
+    return preset_blip2_config(cfg, vocab_size)
+
+
+def count_parameters(cfg: BackboneConfig) -> int:
+    """Parameters of the preset's VLM, counted on the meta device (no memory, no weights)."""
+    import transformers
+
+    numbers = preset_numbers(cfg)
+    vocab = numbers["vocab_size"] or len(WordTokenizer.build(BASE_VOCAB_TEXT).vocab)
+    with torch.device("meta"):
+        model = transformers.Blip2ForConditionalGeneration(preset_blip2_config(cfg, vocab))
+    return sum(p.numel() for p in model.parameters())
 
 
 def build_backbone(cfg: BackboneConfig, tokenizer_json: str | None = None) -> VLMBackbone:
     """Builds the model structure (tiny preset: random init; pretrained: weights from `path`)."""
     import transformers
 
-    if cfg.preset == "tiny":
-        tokenizer = WordTokenizer.from_json(tokenizer_json) if tokenizer_json else WordTokenizer.build(BASE_VOCAB_TEXT)
-        torch.manual_seed(cfg.seed)
-        model = transformers.Blip2ForConditionalGeneration(tiny_blip2_config(cfg, len(tokenizer.vocab)))
-        return VLMBackbone(cfg, model, tokenizer=tokenizer)
     if cfg.preset is not None:
-        raise ValueError(f"unknown backbone preset {cfg.preset!r} (known: 'tiny', or null with a path)")
+        numbers = preset_numbers(cfg)  # raises for an unknown preset
+        if tokenizer_json:
+            tokenizer = WordTokenizer.from_json(tokenizer_json)
+        else:
+            tokenizer = WordTokenizer.build(BASE_VOCAB_TEXT, size=numbers["vocab_size"] or 512)
+        if numbers["image_size"] != cfg.image_size:  # the preset decides the input resolution
+            cfg.image_size = numbers["image_size"]
+        torch.manual_seed(cfg.seed)
+        dtype = getattr(torch, cfg.torch_dtype)
+        model = transformers.Blip2ForConditionalGeneration(preset_blip2_config(cfg, len(tokenizer.vocab)))
+        if dtype != torch.float32:
+            model = model.to(dtype)
+        return VLMBackbone(cfg, model, tokenizer=tokenizer)
     if not cfg.path:
         raise ValueError("backbone.path is required when backbone.preset is null")
     path = Path(cfg.path).expanduser()
