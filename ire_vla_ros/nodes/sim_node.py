@@ -13,6 +13,9 @@ Metaworld's 4-D action `[dx, dy, dz, gripper]`:
   command is fresh. Orientation is ignored.
 * std_msgs/Float64 on `gripper_topic` (`/gripper/command`): gripper effort in [-1 (open), 1 (close)],
   held until the next command (a gripper does not time out).
+* std_srvs/SetBool `pause_service` (`/servo_node/pause_servo`), as Jazzy Servo serves it: true pauses
+  (twists and pose targets move nothing until false), false resumes. The gripper is not Servo's and
+  keeps acting. So the policy's stop path (zero twist + pause) is exercised over real DDS.
 
 Commands must be in `frame_id` (default "world", the sim's only frame); others are rejected.
 
@@ -27,6 +30,7 @@ Interface
   pub  ~/status               std_msgs/String    JSON, latched: task, seed, episode, steps, success
   pub  <instruction_topic>    std_msgs/String    transient local, on every reset (publish_instruction)
   srv  ~/reset                std_srvs/Trigger   new episode with the next seed (seed, seed+1, ...)
+  srv  <pause_service>        std_srvs/SetBool   Servo's pause (true) / resume (false)
 All messages of one step carry the same header stamp.
 """
 from __future__ import annotations
@@ -42,7 +46,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.node import Node
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float32, Float64, String
-from std_srvs.srv import Trigger
+from std_srvs.srv import SetBool, Trigger
 
 from ire_vla_ros.nodes.ros_common import (
     COMMAND_QOS,
@@ -94,6 +98,8 @@ class CommandMixer:
         self.pose: _Timed | None = None
         self.gripper = float(gripper)
         self.stale_steps = 0
+        self.paused = False
+        self.paused_steps = 0
 
     def reset(self, gripper: float) -> None:
         self.twist = self.pose = None
@@ -114,6 +120,9 @@ class CommandMixer:
     def action(self, now: float, ee_position) -> np.ndarray:
         a = np.zeros(4, np.float32)
         a[3] = self.gripper
+        if self.paused:  # like a paused Servo: commands arrive but move nothing
+            self.paused_steps += 1
+            return a
         cmds = [c for c in (self.twist, self.pose) if self._fresh(c, now)]
         if not cmds:
             if self.twist is not None or self.pose is not None:
@@ -160,6 +169,8 @@ class SimNode(Node):
         "twist_topic": P("/servo_node/delta_twist_cmds", "Twist command input", read_only=True),
         "pose_topic": P("/servo_node/pose_target_cmds", "Pose target command input", read_only=True),
         "gripper_topic": P("/gripper/command", "Gripper command input", read_only=True),
+        "pause_service": P("/servo_node/pause_servo", "std_srvs/SetBool served like Servo's pause "
+                           "('' = none)", read_only=True),
     }
 
     def __init__(self, **kwargs):
@@ -183,6 +194,7 @@ class SimNode(Node):
         self.success = False
         self.last_reward = 0.0
         self.rejected_frames = 0
+        self.ticks = 0  # env steps since start (a liveness counter for tests)
         self._tick_times: list[float] = []
         self._warned_stamp = False
         self._closing = False
@@ -208,6 +220,9 @@ class SimNode(Node):
         self.create_subscription(Float64, self.p.gripper_topic, self._on_gripper, COMMAND_QOS,
                                  callback_group=commands)
         self.create_service(Trigger, "~/reset", self._on_reset, callback_group=commands)  # under _env_lock
+        self.pause_calls = 0
+        if self.p.pause_service:
+            self.create_service(SetBool, self.p.pause_service, self._on_pause, callback_group=commands)
 
         self._reset()
         self.timer = self.create_timer(self.dt, self._on_tick, callback_group=MutuallyExclusiveCallbackGroup())
@@ -290,7 +305,9 @@ class SimNode(Node):
         return dict(task=self.p.task, instruction=self.env.instruction, episode=self.episode,
                     seed=self.env.seed, steps=self.env.steps, success=self.success,
                     reward=round(self.last_reward, 4), measured_rate_hz=round(rate, 2),
-                    stale_steps=self.mixer.stale_steps, rejected_frames=self.rejected_frames)
+                    stale_steps=self.mixer.stale_steps, rejected_frames=self.rejected_frames,
+                    paused=self.mixer.paused, paused_steps=self.mixer.paused_steps,
+                    ticks=self.ticks)
 
     def _publish_status(self) -> None:
         self.status_pub.publish(String(data=json.dumps(self.status())))
@@ -311,6 +328,13 @@ class SimNode(Node):
     def _on_gripper(self, msg: Float64) -> None:
         self.mixer.set_gripper(msg.data)
 
+    def _on_pause(self, req, resp):
+        self.mixer.paused = bool(req.data)
+        self.pause_calls += 1
+        resp.success = True
+        resp.message = "Servoing disabled" if req.data else "Servoing enabled"  # Servo's own answers
+        return resp
+
     def _on_tick(self) -> None:
         if self._closing:
             return
@@ -328,6 +352,7 @@ class SimNode(Node):
                 if self.context.ok():
                     raise
                 return  # shutting down (Ctrl-C / SIGTERM) while this tick was running
+        self.ticks += 1
         self._tick_times.append(time.monotonic())
         if len(self._tick_times) > 50:
             del self._tick_times[0]

@@ -30,7 +30,14 @@ scripted Metaworld policy's action for that observation), plus Gaussian noise of
 `action_noise` (clipped to the action bounds). The recorded action keeps the expert message's
 stamp, i.e. the stamp of the image the expert acted on.
 
-Services: `~/enable` (std_srvs/SetBool) pauses/resumes publishing (e.g. while the policy drives).
+Services: `~/enable` (std_srvs/SetBool) pauses/resumes publishing (e.g. while the policy drives);
+pausing publishes one zero twist, so Servo stops at once instead of after its command timeout.
+
+MoveIt Servo (Jazzy) accepts twists only after its command type is switched to TWIST, and forgets
+the type when it restarts: at start-up and on every `~/enable true` the node calls
+`servo_switch_service` (moveit_msgs/srv/ServoCommandType, retried while Servo is not up; when
+moveit_msgs does not import it logs the `ros2 service call` to do by hand) and unpauses Servo
+(`servo_pause_service`, std_srvs/SetBool false) in case an e-stop paused it.
 """
 from __future__ import annotations
 
@@ -47,6 +54,7 @@ from sensor_msgs.msg import JointState
 from std_msgs.msg import Float64
 from std_srvs.srv import SetBool
 
+from ire_vla_ros.nodes.motion_backends import ServoModeClient
 from ire_vla_ros.nodes.ros_common import COMMAND_QOS, RELIABLE_QOS, NodeStartupError, P, declare_params, run_node
 from ire_vla_ros.vla.action_spec import EE_DELTA_7D, METAWORLD_4D, ActionSpec
 
@@ -233,6 +241,15 @@ class TeleopNode(Node):
         "twist_topic": P("/servo_node/delta_twist_cmds", "Twist command output (MoveIt Servo)", read_only=True),
         "gripper_topic": P("/gripper/command", "Gripper command output", read_only=True),
         "expert_topic": P("/sim_node/expert_action", "scripted_expert: expert action input", read_only=True),
+        "servo_switch_service": P("/servo_node/switch_command_type", "moveit_msgs/srv/ServoCommandType: "
+                                  "switched to TWIST at start and on ~/enable true ('' = do not call)",
+                                  read_only=True),
+        "servo_pause_service": P("/servo_node/pause_servo", "std_srvs/SetBool: Servo unpaused at start and on "
+                                 "~/enable true ('' = do not call)", read_only=True),
+        "servo_retry_period_s": P(1.0, "Retry period of the Servo calls while Servo is not up", min=0.05,
+                                  max=60.0, read_only=True),
+        "servo_retry_max": P(60, "Attempts per Servo request before giving up", min=1, max=100000,
+                             read_only=True),
     }
 
     def __init__(self, *, stdin=None, **kwargs):
@@ -246,10 +263,15 @@ class TeleopNode(Node):
         self.spec = spec
         self.enabled = bool(self.p.enabled)
         self.steps = 0
+        self.zero_twists = 0
         self.twist_pub = self.create_publisher(TwistStamped, self.p.twist_topic, COMMAND_QOS)
         self.gripper_pub = self.create_publisher(Float64, self.p.gripper_topic, COMMAND_QOS)
         self.action_pub = self.create_publisher(JointState, "~/action", RELIABLE_QOS)
         self.create_service(SetBool, "~/enable", self._on_enable)
+        self.servo = ServoModeClient(self, "TWIST", self.p.servo_switch_service, self.p.servo_pause_service,
+                                     retry_period_s=self.p.servo_retry_period_s, retry_max=self.p.servo_retry_max)
+        if self.enabled:
+            self.servo.activate()
         self.keys = None
         self.mapper = None
         if self.p.mode == "scripted_expert":
@@ -327,13 +349,27 @@ class TeleopNode(Node):
             self.publish_action(action)
 
     def _on_enable(self, req, resp):
+        was = self.enabled
         self.enabled = bool(req.data)
+        if self.enabled:
+            self.servo.activate()  # a restarted Servo has forgotten the type; never blocks
+        elif was:
+            self._publish_zero_twist()  # Servo stops now, not after its incoming_command_timeout
         resp.success = True
         resp.message = "teleop enabled" if self.enabled else "teleop paused"
         self.get_logger().info(resp.message)
         return resp
 
+    def _publish_zero_twist(self) -> None:
+        """Stop Servo now (a zero twist), without an ~/action for the recorder: no step was taken."""
+        tw = TwistStamped()
+        tw.header.stamp = self.get_clock().now().to_msg()
+        tw.header.frame_id = self.get_parameter("frame_id").value
+        self.twist_pub.publish(tw)
+        self.zero_twists += 1
+
     def destroy_node(self):
+        self.servo.close()
         if self.keys is not None:
             self.keys.stop()
         return super().destroy_node()
