@@ -31,6 +31,8 @@ def _config_args(p: argparse.ArgumentParser, default: str | None = "iterate.yaml
                    help="override one config value, e.g. --set ppo.lr_actor=3e-4 (repeatable)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: config's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--tensorboard", type=Path, metavar="DIR",
+                   help="write TensorBoard scalars (losses, entropy, value, lr, eval success) under DIR/<run>")
 
 
 def _load_cfg(args):
@@ -270,6 +272,14 @@ def main(argv=None) -> int:
     if getattr(args, "bringup_error", None):
         print(f"ire-vla bringup needs ROS 2 (rclpy): {args.bringup_error}", file=sys.stderr)
         return 2
+    if getattr(args, "tensorboard", None):
+        from .training import tb
+
+        tb.enable(args.tensorboard)
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            tb.close()
     return int(args.func(args) or 0)
 
 

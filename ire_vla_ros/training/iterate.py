@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..episodes.store import scan_episodes
 from ..vla.checkpoint import resolve_device, save_checkpoint
+from . import tb
 from .config import IterateConfig
 from .rollout import evaluate, make_envs
 from .stages import new_policy, stage0_sft, stage1_ppo_sim, stage2_sft
@@ -71,6 +72,7 @@ class IterationRunner:
         entry = {"label": label, "stage": stage, "iteration": iteration, "checkpoint": str(ckpt),
                  "seconds": round(seconds, 1), "eval": eval_res, "train": train_stats}
         self.results["stages"].append(entry)
+        tb.log_eval(eval_res, step=len(self.results["stages"]) - 1)  # x axis: stage 0, 1, 2, ...
         rates = ", ".join(f"{t}: {r['success_rate']:.2f}" for t, r in eval_res.items() if not t.startswith("_"))
         log.info("%s done in %.0fs: %s", label, seconds, rates)
         print(f"[{label}] {rates}  ({seconds:.0f}s)", flush=True)

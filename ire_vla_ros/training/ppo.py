@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..vla.policy import VLAPolicy
+from . import tb
 from .config import PPOConfig
 
 
@@ -156,4 +157,7 @@ def ppo_update(policy: VLAPolicy, optimizer: torch.optim.Optimizer, batch: Froze
     stats["epochs"] = epochs_run
     with torch.no_grad():
         stats["log_std_mean"] = float(policy.actor.log_std.mean())
+    tb.log("ppo", {**stats, "value_mean": float(batch.values.mean()), "return_mean": float(batch.returns.mean()),
+                   "reward_mean": float(batch.rewards.mean()), "lr_actor": optimizer.param_groups[0]["lr"],
+                   "lr_critic": optimizer.param_groups[1]["lr"]})
     return stats

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ..episodes.dataset import EpisodeStepDataset, mixing_weights
 from ..vla.policy import VLAPolicy
+from . import tb
 from .config import SFTConfig
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def train_sft(policy: VLAPolicy, data: SFTData, cfg: SFTConfig, *, desc: str = "
         sched.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         history.append(loss.item())
+        tb.log("sft", {"loss": loss.item(), "lr_head": opt.param_groups[0]["lr"], "lr_lora": opt.param_groups[1]["lr"]})
         if step % 20 == 0:
             bar.set_postfix(loss=f"{running:.4f}")
         if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
