@@ -405,17 +405,25 @@ def test_mixing_ratio(tmp_path):
 def test_action_statistics(tmp_path):
     ds = EpisodeStepDataset([_write(tmp_path, steps=8, seed=s) for s in range(2)])
     mean, std = action_statistics(ds)
-    np.testing.assert_allclose(mean, ds.actions.mean(0), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(std, ds.actions.std(0), rtol=1e-5)
     assert mean.dtype == np.float32 and std.dtype == np.float32 and mean.shape == (4,)
+    assert np.all(std > 0) and np.all(np.abs(mean) <= 1.0)  # random actions in [-1, 1]
+
+    # hand-computed: two steps per column -> mean is the midpoint, (population) std the half-distance
+    a = np.array([[1.0, -1.0, 0.0, 0.5], [3.0, 1.0, 0.0, 0.5]], np.float32)
+    m1, s1 = action_statistics(a)
+    np.testing.assert_allclose(m1, [2.0, 0.0, 0.0, 0.5])
+    np.testing.assert_allclose(s1, [1.0, 1.0, 1e-3, 1e-3])  # constant columns floored
 
     const = np.tile(np.array([[0.3, -1.0, 0.0, 1.0]], np.float32), (5, 1))
     m2, s2 = action_statistics(const, np.empty((0, 4), np.float32))
     np.testing.assert_allclose(m2, const[0])
     np.testing.assert_allclose(s2, 1e-3)  # floored
 
-    m3, _ = action_statistics(ds, const)  # several datasets pooled
-    np.testing.assert_allclose(m3, np.concatenate([ds.actions, const]).mean(0), rtol=1e-5, atol=1e-6)
+    # several sources pooled step by step (not averaged per source): 2 steps of a + 2 of b
+    b = np.array([[5.0, 3.0, 0.0, 0.5], [7.0, 5.0, 0.0, 0.5]], np.float32)
+    m3, s3 = action_statistics(a, b)
+    np.testing.assert_allclose(m3, [4.0, 2.0, 0.0, 0.5])
+    np.testing.assert_allclose(s3, [np.sqrt(5.0), np.sqrt(5.0), 1e-3, 1e-3], rtol=1e-6)
     with pytest.raises(ValueError):
         action_statistics(np.empty((0, 4)))
 

@@ -13,60 +13,96 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rclpy
-from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor
-from rclpy.node import Node
+from builtin_interfaces.msg import Time
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float32, String
 from std_srvs.srv import SetBool, Trigger
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 
-from ire_vla_ros.episodes.store import EpisodeWriter, read_episode, scan_episodes
-from ire_vla_ros.nodes.recorder_node import (
+from ire_vla_ros.episodes.recorder import (
     EpisodeRecorder,
-    RecorderNode,
+    EpisodeSession,
+    JointStateCache,
     StampBuffer,
     Step,
-    resolve_action_spec,
     select_joints,
-    split_action,
 )
+from ire_vla_ros.episodes.store import EpisodeWriter, read_episode, scan_episodes
+from ire_vla_ros.nodes.recorder_node import RecorderNode
 from ire_vla_ros.nodes.reward_node import EpisodeJudge, RewardNode
 from ire_vla_ros.nodes.ros_common import LATCHED_QOS, RELIABLE_QOS, SENSOR_QOS
+from ire_vla_ros.robot.action_msg import pack_action, resolve_action_spec, split_action
 from ire_vla_ros.robot.image_codec import encode_rgb
 from ire_vla_ros.vla.action_spec import EE_DELTA_7D, METAWORLD_4D
-from ros_harness import Harness, wait_for  # noqa: E402
+from ros_harness import wait_for  # noqa: E402
 
 JOINTS = ["j1", "j2", "j3"]
 ACTION_NAMES = list(METAWORLD_4D.names)
+MS = 1_000_000
 
 
 # =============================================================================================
 # plain logic
 # =============================================================================================
-def test_stamp_buffer_exact_then_not_after_then_newest():
-    b = StampBuffer(5)
-    assert b.lookup(10) == (None, False)
+def test_stamp_buffer_exact_then_not_after_then_oldest():
+    b = StampBuffer(window_s=1.0)
+    assert b.lookup(10) == (None, None, False)
     for t in (10, 20, 30):
         b.add(t, f"m{t}")
-    assert b.lookup(20) == ("m20", True)
-    assert b.lookup(25) == ("m20", False)
-    assert b.lookup(5) == ("m30", False)  # older than everything: newest
-    for t in range(40, 100, 10):
-        b.add(t, f"m{t}")
-    assert len(b) == 5 and b.lookup(10) == ("m90", False)
-    b.prune(lambda t: t < 70)
-    assert len(b) == 3 and b.lookup(70) == ("m70", True)
+    assert b.lookup(20) == ("m20", 20, True)
+    assert b.lookup(25) == ("m20", 20, False)
+    assert b.lookup(5) == ("m10", 10, False)  # older than everything: the nearest kept (not the newest)
+    assert b.nearest(26) == ("m30", 30) and b.nearest(24) == ("m20", 20)
+    b.add(15, "m15")  # out of order: still found by stamp
+    assert b.lookup(15) == ("m15", 15, True)
+    b.prune(lambda t: t < 20)
+    assert len(b) == 2 and b.lookup(20) == ("m20", 20, True)
 
 
-def test_split_action_and_specs():
-    names, a, lp, v = split_action(ACTION_NAMES + ["log_prob", "value"], [0.1, 0.2, 0.3, -1, -2.5, 0.7])
+def test_stamp_buffer_holds_a_time_window_at_500_hz():
+    """A count-sized buffer (the old 30 items) held 60 ms of 500 Hz joint states; this one holds
+    `window_s` seconds whatever the rate."""
+    b = StampBuffer(window_s=1.0)
+    for k in range(1500):  # 3 s at 500 Hz
+        b.add(k * 2 * MS, k)
+    assert 499 <= len(b) <= 501 and abs(b.span_s() - 1.0) < 0.005
+    newest = 1499 * 2 * MS
+    assert b.lookup(newest - 900 * MS) == (1049, newest - 900 * MS, True)  # 0.9 s back: still exact
+    assert b.lookup(newest - 1500 * MS)[0] == 999  # beyond the window: the oldest kept, never the newest
+
+
+def test_joint_cache_merges_split_publishers_by_name():
+    c = JointStateCache(window_s=1.0)
+    with pytest.raises(KeyError):
+        c.lookup(0, ["a"])
+    for k in range(500):  # arm at 500 Hz: a = k, b = -k
+        c.add(k * 2 * MS, ["a", "b"], [float(k), float(-k)])
+    for k in range(50):   # gripper on its own message at 50 Hz
+        c.add(k * 20 * MS, ["g"], [float(k)])
+    q, names, err = c.lookup(301 * MS, ["g", "a"])
+    assert names == ["g", "a"] and q.tolist() == [15.0, 150.0]  # each joint from its own nearest sample
+    assert err == 1 * MS  # the largest |sample stamp - image stamp| over the joints: a at 300 or 302 ms
+    assert c.names == ["a", "b", "g"] and c.lookup(301 * MS)[1] == ["a", "b", "g"]
+    with pytest.raises(KeyError, match="z"):
+        c.lookup(0, ["a", "z"])
+    with pytest.raises(ValueError):
+        c.add(0, ["a"], [1.0, 2.0])
+
+
+def test_action_msg_pack_split_and_specs():
+    names, values = pack_action(ACTION_NAMES, [0.1, 0.2, 0.3, -1], -2.5, 0.7)
+    assert names == ACTION_NAMES + ["log_prob", "value"]
+    names, a, lp, v = split_action(names, values)
     assert names == ACTION_NAMES and a.dtype == np.float32 and lp == -2.5 and v == pytest.approx(0.7)
-    assert split_action(ACTION_NAMES, [0, 0, 0, 1])[2:] == (None, None)
+    assert split_action(*pack_action(ACTION_NAMES, [0, 0, 0, 1]))[2:] == (None, None)
     with pytest.raises(ValueError):
         split_action(["dx"], [1.0, 2.0])
+    with pytest.raises(ValueError):
+        split_action(["dx"], [float("nan")])
+    with pytest.raises(ValueError):
+        pack_action(ACTION_NAMES, [0, 0, 0, 1], log_prob=-1.0)  # value missing
     assert resolve_action_spec("auto", ACTION_NAMES) is METAWORLD_4D
     assert resolve_action_spec("auto", list(EE_DELTA_7D.names)) is EE_DELTA_7D
     assert resolve_action_spec("auto", ["a", "b"]).dim == 2
@@ -75,6 +111,74 @@ def test_split_action_and_specs():
     assert select_joints(["b", "a"], [2.0, 1.0], ["a", "b"]).tolist() == [1.0, 2.0]
     with pytest.raises(KeyError):
         select_joints(["a"], [1.0], ["a", "z"])
+
+
+def _session(tmp_path, results, **kw):
+    rec = EpisodeRecorder(lambda meta: EpisodeWriter(tmp_path, **meta), max_queue=4096,
+                          on_result=lambda k, v: results.append((k, v)))
+    now = {"ns": 10**12}
+
+    def meta(action_names, joint_names):
+        return dict(instruction="reach", task="reach", source="policy", action_spec=METAWORLD_4D,
+                    joint_names=joint_names, camera_names=("main",))
+
+    return rec, now, EpisodeSession(rec, clock_ns=lambda: now["ns"], make_meta=meta, **kw)
+
+
+def test_session_pairs_500_hz_joints_with_old_image_stamps(tmp_path):
+    """Joints at 500 Hz, camera at 30 Hz, the policy acting on images 0.03-0.5 s old: each step gets
+    the joints of its image's time (error <= 1 ms), not the newest; a step whose joints are stale
+    still records, with its error, counted as a mismatch."""
+    results = []
+    rec, now, s = _session(tmp_path, results, joint_names=["a", "b"], window_s=1.0, tolerance_s=0.005)
+    t0 = now["ns"]
+    assert s.request_start() is None
+    s.begin_recording()
+    for k in range(1000):                      # 2 s of joints at 500 Hz: a = time in ms
+        s.add_joints(t0 + k * 2 * MS, ["a", "b"], [k * 2.0, 1.0])
+    images = [t0 + round(k * 1000 / 30) * MS for k in range(60)]
+    for k, t in enumerate(images):
+        s.add_image(t, np.full((4, 4, 3), k, np.uint8))
+    now["ns"] = t0 + 2000 * MS
+    acted_on = [images[45], images[50], images[55], images[59]]  # 0.5 .. 0.03 s old
+    for t in acted_on:
+        assert s.on_action(t, ACTION_NAMES, [0.1, 0, 0, 1]) is None
+    late = t0 + 2500 * MS  # the joint publisher stalled: its newest sample is 0.502 s older than the image
+    s.add_image(late, np.zeros((4, 4, 3), np.uint8))
+    assert s.on_action(late, ACTION_NAMES, [0.1, 0, 0, 1]) is None  # recorded, with its error, counted
+    ok, msg = s.finish(True, "test")
+    assert ok, msg
+    assert rec.flush(10.0) and results[-1][0] == "saved", results
+    ep = read_episode(results[-1][1])
+    # a = the joint sample time in ms: the nearest sample (the earlier one on a tie)
+    assert ep.joint_positions[:4, 0].tolist() == [float((t - t0) // MS // 2 * 2) for t in acted_on]
+    err = ep.step_info["joint_stamp_error_s"]
+    assert np.all(err[:4] <= 0.001) and err[4] == pytest.approx(0.502)
+    assert s.counters["pairing_mismatches"] == 1
+    assert ep.metadata["pairing"]["pairing_mismatches"] == 1
+    assert ep.metadata["pairing"]["joint_stamp_error_ms_max"] == pytest.approx(502.0)
+    rec.close()
+
+
+def test_session_refusals_and_writer_failure(tmp_path):
+    results = []
+    rec, now, s = _session(tmp_path, results)
+    assert s.on_action(now["ns"], ACTION_NAMES, [0, 0, 0, 1]) == "not recording (idle)"
+    assert s.request_start() is None
+    assert "cannot start" in s.request_start()  # a second trigger
+    s.begin_recording()
+    assert "no image" in s.on_action(now["ns"], ACTION_NAMES, [0, 0, 0, 1])
+    s.add_image(now["ns"], np.zeros((4, 4, 3), np.uint8))
+    assert "no joint state" in s.on_action(now["ns"], ACTION_NAMES, [0, 0, 0, 1])
+    s.add_joints(now["ns"], JOINTS, [0.0, 0.0, 0.0])
+    assert "positions" in s.on_action(now["ns"], ACTION_NAMES, [0, 0, 1])
+    assert s.on_action(now["ns"], ACTION_NAMES, [0, 0, 0, 1]) is None
+    assert "differ" in s.on_action(now["ns"], ["x", "y"], [0, 0])
+    assert s.counters["rejected_actions"] == 2 and s.counters["skipped_no_obs"] == 2
+    assert not s.writer_failed(s._seq + 1)  # a failure of another episode leaves this one alone
+    assert s.writer_failed(s._seq) and s.state == "idle"
+    assert not s.finish(True, "late stop")[0]
+    rec.close()
 
 
 def test_episode_judge_backends():
@@ -166,17 +270,10 @@ def wait_matched(pub, n=1, timeout=10.0):
     wait_for(lambda: pub.get_subscription_count() >= n, timeout, f"a subscriber on {pub.topic_name}")
 
 
-@pytest.fixture
-def ros(ros_domain_id):
-    h = Harness(ros_domain_id)
-    yield h
-    h.close()
-
-
 class FakeRobot:
     """Publishes what a camera driver / joint-state publisher / policy / simulator would."""
 
-    def __init__(self, h: Harness, action_topic="/policy_node/action", size=8):
+    def __init__(self, h, action_topic="/policy_node/action", size=8):
         p = h.probe
         self.probe = p
         self.size = size
@@ -343,32 +440,45 @@ def test_timeout_backend_and_refused_start(ros, tmp_path):
 
 
 def test_full_queue_drops_are_counted_and_reported(ros, tmp_path):
-    ros.add(RecorderNode, episodes_dir=str(tmp_path), instruction="reach", start_services=[""],
-            max_queue=2, compression="gzip")
-    robot = FakeRobot(ros, size=480)
+    node = ros.add(RecorderNode, episodes_dir=str(tmp_path), instruction="reach", start_services=[""],
+                   max_queue=2)
+    # Hold the writer back (as a slow disk would) so the queue fills whatever the machine's speed.
+    gate = threading.Event()
+    real_factory = node.recorder.writer_factory
+
+    class Held:
+        def __init__(self, meta):
+            self.w = real_factory(meta)
+
+        def append(self, **kw):
+            gate.wait(30.0)
+            return self.w.append(**kw)
+
+        def __getattr__(self, name):
+            return getattr(self.w, name)
+
+    node.recorder.writer_factory = Held
+    robot = FakeRobot(ros, size=8)
     saved = ros.collect(String, "/recorder_node/episode_saved")
     status = ros.collect(String, "/recorder_node/status", LATCHED_QOS)
     diags = ros.collect(DiagnosticArray, "/diagnostics", 10)
     for pub in (robot.image, robot.joints, robot.action):
         wait_matched(pub)
     start_episode(ros, status, robot)
-    rng = np.random.default_rng(0)
-    img = Image(**encode_rgb(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)))  # incompressible
-    img.header.stamp = robot.stamp(0)
-    robot.image.publish(img)
-    robot.joints.publish(JointState(header=img.header, name=JOINTS, position=[0.0, 0.0, 0.0]))
-    time.sleep(0.2)
-    for k in range(60):
+    robot.observe(0)
+    wait_for(lambda: len(node.session.images) and len(node.session.joints), 10, "the observation")
+    for k in range(20):  # one at a time: the publisher keeps the last 10
         robot.act(0)
-        time.sleep(0.002)
-    time.sleep(0.3)
+        wait_for(lambda: node.session.counters["episode_steps"] == k + 1, 20, f"action {k} received")
+    # queue (2) + the step in the writer's hands (1) + the held-back step (1) at most are kept
+    assert node.recorder.stats.steps_dropped >= 16
+    gate.set()
     assert ros.call(Trigger, "/recorder_node/stop_episode").success
     wait_for(lambda: saved, 30, "episode saved")
     wait_for(lambda: json.loads(status[-1].data)["queue_depth"] == 0, 10, "status update")
     st = json.loads(status[-1].data)
-    assert st["steps_dropped"] > 0
-    assert st["steps_written"] + st["steps_dropped"] + st["step_errors"] == st["episode_steps"]
-    assert read_episode(saved[0].data, load_images=False).n_steps == st["steps_written"]
+    assert st["steps_written"] + st["steps_dropped"] + st["step_errors"] == st["episode_steps"] == 20
+    assert read_episode(saved[0].data, load_images=False).n_steps == st["steps_written"] <= 4
     wait_for(lambda: any(s.level == DiagnosticStatus.WARN and "dropped" in s.message
                          for d in diags for s in d.status), 5, "a WARN diagnostic about drops")
 

@@ -10,6 +10,8 @@ returning garbage)
     /reward                         (T,)   float32
     /timestamp                      (T,)   float64
     /policy/log_prob, /policy/value (T,)   float32   (optional, both or neither)
+    /step_info/<key>                (T,)   float32   (optional per-step scalars, the same keys every
+                                                      step: e.g. joint_stamp_error_s, intervention)
 
 Root attrs: instruction, task, success, source (teleop|policy|rl), iteration, action_spec (JSON),
 joint_names (JSON), camera_names (JSON), format_version, complete, n_steps, metadata (JSON dict),
@@ -72,6 +74,7 @@ REWARD = "reward"
 TIMESTAMP = "timestamp"
 LOG_PROB = "policy/log_prob"
 VALUE = "policy/value"
+STEP_INFO_GROUP = "step_info"
 
 _ROW_CHUNK = 128  # time-axis chunk of the small per-step datasets
 
@@ -159,6 +162,91 @@ def _vector(x: Any, what: str, expected_len: int | None) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# step validation (shared by EpisodeWriter and the child-process writer's parent side)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ValidStep:
+    images: dict[str, np.ndarray]
+    joint_positions: np.ndarray
+    action: np.ndarray
+    reward: float
+    timestamp: float
+    log_prob: float | None
+    value: float | None
+    step_info: dict[str, float]
+
+    @property
+    def nbytes(self) -> int:
+        """Upper bound of what the step adds to the file before compression."""
+        return sum(int(i.nbytes) for i in self.images.values()) + 8 * (
+            self.joint_positions.size + self.action.size + 4 + len(self.step_info))
+
+
+class StepValidator:
+    """Checks one step against the episode's layout and its first step (shapes, optional parts)."""
+
+    def __init__(self, camera_names: Sequence[str], joint_names: Sequence[str], action_dim: int):
+        self.camera_names = list(camera_names)
+        self.n_joints = len(joint_names)
+        self.action_dim = int(action_dim)
+        self.image_shapes: dict[str, tuple[int, ...]] = {}
+        self.has_policy: bool | None = None
+        self.step_info_keys: tuple[str, ...] | None = None
+
+    def check(self, *, images, joint_positions, action, reward, timestamp, log_prob=None, value=None,
+              step_info=None) -> ValidStep:
+        """ValueError naming the problem, or the step as validated arrays (nothing is remembered:
+        call `accept` once the step is written)."""
+        if not isinstance(images, Mapping):
+            raise ValueError(f"images must be a dict camera -> array, got {type(images).__name__}")
+        missing = [c for c in self.camera_names if c not in images]
+        extra = [c for c in images if c not in self.camera_names]
+        if missing or extra:
+            raise ValueError(f"images: missing cameras {missing}, unexpected cameras {extra} (expected {self.camera_names})")
+        imgs: dict[str, np.ndarray] = {}
+        for cam in self.camera_names:
+            img = np.asarray(images[cam])
+            if img.dtype != np.uint8:
+                raise ValueError(f"image '{cam}' must be uint8, got {img.dtype}")
+            if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] == 0 or img.shape[1] == 0:
+                raise ValueError(f"image '{cam}' must have shape (H, W, 3), got {img.shape}")
+            first = self.image_shapes.get(cam)
+            if first is not None and img.shape != first:
+                raise ValueError(f"image '{cam}' has shape {img.shape}, but the episode's first frame was {first}")
+            imgs[cam] = img
+        joints = _vector(joint_positions, "joint_positions", self.n_joints)
+        act = _vector(action, "action", self.action_dim)
+        rew = _scalar(reward, "reward")
+        ts = _scalar(timestamp, "timestamp")
+        has_policy = log_prob is not None or value is not None
+        if has_policy and (log_prob is None or value is None):
+            raise ValueError("log_prob and value must be given together")
+        lp = _scalar(log_prob, "log_prob") if has_policy else None
+        val = _scalar(value, "value") if has_policy else None
+        if self.has_policy is not None and has_policy != self.has_policy:
+            raise ValueError(
+                "log_prob/value must be given for every step or for none "
+                f"(earlier steps {'had' if self.has_policy else 'did not have'} them)"
+            )
+        info = {}
+        for key, v in dict(step_info or {}).items():
+            if not isinstance(key, str) or not key or "/" in key:
+                raise ValueError(f"step_info key {key!r} must be a non-empty string without '/'")
+            info[key] = _scalar(v, f"step_info[{key!r}]")
+        keys = tuple(sorted(info))
+        if self.step_info_keys is not None and keys != self.step_info_keys:
+            raise ValueError(f"step_info keys {list(keys)} differ from the first step's {list(self.step_info_keys)}")
+        return ValidStep(imgs, joints, act, rew, ts, lp, val, info)
+
+    def accept(self, step: ValidStep) -> None:
+        """Remember what the first written step fixed for the rest of the episode."""
+        if self.has_policy is None:
+            self.image_shapes = {c: step.images[c].shape for c in self.camera_names}
+            self.has_policy = step.log_prob is not None
+            self.step_info_keys = tuple(sorted(step.step_info))
+
+
+# --------------------------------------------------------------------------------------------
 # writer
 # --------------------------------------------------------------------------------------------
 class EpisodeWriter:
@@ -222,16 +310,20 @@ class EpisodeWriter:
 
         self._lock = threading.RLock()
         self._n = 0
-        self._image_shapes: dict[str, tuple[int, ...]] = {}
-        self._has_policy: bool | None = None
+        self._check = StepValidator(self.camera_names, self.joint_names, self.action_spec.dim)
         self._state = "open"  # open | finalized | aborted
         # "x": fail if a partial with this name appeared meanwhile (race with another writer).
         # libver v110: checksummed object headers and chunk indexes (readable by HDF5 >= 1.10)
         try:
             self._file = h5py.File(self.partial_path, "x", libver=("v110", "v110"))
-        except OSError as e:
-            if self.partial_path.exists():
-                raise FileExistsError(f"{self.partial_path} exists (another writer, or a crashed one)") from e
+        except FileExistsError:
+            raise FileExistsError(f"{self.partial_path} exists (another writer, or a crashed one)") from None
+        except OSError:
+            # ENOSPC while writing the superblock, EIO, ...: the empty file left behind is ours
+            try:
+                self.partial_path.unlink()
+            except OSError:
+                pass
             raise
         try:
             a = self._file.attrs
@@ -295,61 +387,41 @@ class EpisodeWriter:
         timestamp,
         log_prob=None,
         value=None,
+        step_info: Mapping[str, float] | None = None,
     ) -> int:
         """Validate and append one step; returns the new number of steps.
 
         Raises ValueError (and writes nothing for this step) on: missing/extra cameras, image not
         uint8 (H, W, 3) or shape differing from the camera's first frame, joint/action length not
         matching joint_names/action_spec, NaN/inf in action, joint positions, reward, timestamp,
-        log_prob or value, and log_prob/value given for some steps but not others.
+        log_prob, value or step_info, log_prob/value given for some steps but not others, and
+        step_info keys differing from the first step's.
         """
-        # ---- validate everything before touching the file --------------------------------
-        if not isinstance(images, Mapping):
-            raise ValueError(f"images must be a dict camera -> array, got {type(images).__name__}")
-        missing = [c for c in self.camera_names if c not in images]
-        extra = [c for c in images if c not in self.camera_names]
-        if missing or extra:
-            raise ValueError(f"images: missing cameras {missing}, unexpected cameras {extra} (expected {self.camera_names})")
-        imgs: dict[str, np.ndarray] = {}
-        for cam in self.camera_names:
-            img = np.asarray(images[cam])
-            if img.dtype != np.uint8:
-                raise ValueError(f"image '{cam}' must be uint8, got {img.dtype}")
-            if img.ndim != 3 or img.shape[2] != 3 or img.shape[0] == 0 or img.shape[1] == 0:
-                raise ValueError(f"image '{cam}' must have shape (H, W, 3), got {img.shape}")
-            first = self._image_shapes.get(cam)
-            if first is not None and img.shape != first:
-                raise ValueError(f"image '{cam}' has shape {img.shape}, but the episode's first frame was {first}")
-            imgs[cam] = img
-        joints = _vector(joint_positions, "joint_positions", len(self.joint_names))
-        act = _vector(action, "action", self.action_spec.dim)
-        rew = _scalar(reward, "reward")
-        ts = _scalar(timestamp, "timestamp")
-        has_policy = log_prob is not None or value is not None
-        if has_policy and (log_prob is None or value is None):
-            raise ValueError("log_prob and value must be given together")
-        lp = _scalar(log_prob, "log_prob") if has_policy else None
-        val = _scalar(value, "value") if has_policy else None
+        step = self._check.check(images=images, joint_positions=joint_positions, action=action, reward=reward,
+                                 timestamp=timestamp, log_prob=log_prob, value=value, step_info=step_info)
+        return self.append_valid(step)
 
+    def append_valid(self, step: ValidStep) -> int:
+        """Append a step already checked by a StepValidator of this episode's layout."""
         with self._lock:
             if self._state != "open":
                 raise RuntimeError(f"episode writer is {self._state}; cannot append")
-            if self._has_policy is not None and has_policy != self._has_policy:
-                raise ValueError(
-                    "log_prob/value must be given for every step or for none "
-                    f"(earlier steps {'had' if self._has_policy else 'did not have'} them)"
-                )
             f, i = self._file, self._n
             first_step = i == 0
+            has_policy = step.log_prob is not None
             names = [f"{IMAGES_GROUP}/{c}" for c in self.camera_names] + [JOINTS, ACTION, REWARD, TIMESTAMP]
-            values: list[Any] = [imgs[c] for c in self.camera_names] + [joints, act, rew, ts]
+            values: list[Any] = [step.images[c] for c in self.camera_names] + [
+                step.joint_positions, step.action, step.reward, step.timestamp]
             if has_policy:
                 names += [LOG_PROB, VALUE]
-                values += [lp, val]
+                values += [step.log_prob, step.value]
+            for key in sorted(step.step_info):
+                names.append(f"{STEP_INFO_GROUP}/{key}")
+                values.append(step.step_info[key])
             created: list[str] = []
             try:
                 if first_step:  # per-step datasets whose shape/presence the first step decides
-                    for cam, img in imgs.items():
+                    for cam, img in step.images.items():
                         kw = {} if self.compression is None else {"compression": self.compression}
                         if self.compression == "gzip":
                             kw["compression_opts"] = 1
@@ -359,13 +431,14 @@ class EpisodeWriter:
                             chunks=(1,) + img.shape, dtype=np.uint8, fletcher32=True, **kw,
                         )
                         created.append(nm)
-                    if has_policy:
-                        for nm in (LOG_PROB, VALUE):
-                            f.create_dataset(
-                                nm, shape=(0,), maxshape=(None,), chunks=(_ROW_CHUNK,), dtype=np.float32,
-                                fletcher32=True,
-                            )
-                            created.append(nm)
+                    scalars = ([LOG_PROB, VALUE] if has_policy else []) + [
+                        f"{STEP_INFO_GROUP}/{k}" for k in sorted(step.step_info)]
+                    for nm in scalars:
+                        f.create_dataset(
+                            nm, shape=(0,), maxshape=(None,), chunks=(_ROW_CHUNK,), dtype=np.float32,
+                            fletcher32=True,
+                        )
+                        created.append(nm)
                     self._ds.update({nm: f[nm] for nm in created})
                 dsets = [self._ds[nm] for nm in names]
                 for d in dsets:
@@ -384,11 +457,15 @@ class EpisodeWriter:
                     except Exception:  # pragma: no cover - file already broken
                         pass
                 raise
-            if first_step:
-                self._image_shapes = {c: imgs[c].shape for c in self.camera_names}
-                self._has_policy = has_policy
+            self._check.accept(step)
             self._n = i + 1
             return self._n
+
+    def flush(self) -> None:
+        """Write HDF5's cached chunks and metadata to the file (so its size on disk is current)."""
+        with self._lock:
+            if self._state == "open":
+                self._file.flush()
 
     def finalize(self, success: bool, *, metadata: Mapping[str, Any] | None = None) -> Path:
         """Mark complete, close, fsync, rename `.partial` -> `.h5`, fsync the directory.
@@ -515,6 +592,7 @@ class Episode:
     metadata: dict = field(default_factory=dict)
     camera_names: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
+    step_info: dict[str, np.ndarray] = field(default_factory=dict)  # key -> (T,) float32
 
     @property
     def n_steps(self) -> int:
@@ -662,6 +740,9 @@ def _load_open(f: h5py.File, path: Path, where: str, *, load_images: bool, want_
     has_policy = LOG_PROB in f or VALUE in f
     d_lp = _require_dataset(f, LOG_PROB, where) if has_policy else None
     d_val = _require_dataset(f, VALUE, where) if has_policy else None
+    info_group = f.get(STEP_INFO_GROUP)
+    d_info = ({k: _require_dataset(f, f"{STEP_INFO_GROUP}/{k}", where) for k in sorted(info_group.keys())}
+              if isinstance(info_group, h5py.Group) else {})
 
     T = d_act.shape[0] if d_act.ndim >= 1 else 0
     if T == 0:
@@ -670,6 +751,7 @@ def _load_open(f: h5py.File, path: Path, where: str, *, load_images: bool, want_
     lengths.update({f"images/{c}": d.shape[0] for c, d in d_imgs.items()})
     if has_policy:
         lengths.update({"policy/log_prob": d_lp.shape[0], "policy/value": d_val.shape[0]})
+    lengths.update({f"{STEP_INFO_GROUP}/{k}": d.shape[0] for k, d in d_info.items()})
     if len(set(lengths.values())) != 1:
         raise EpisodeError(f"{where}: mismatched dataset lengths {lengths}")
     n_attr = int(a.get("n_steps", T))
@@ -698,7 +780,8 @@ def _load_open(f: h5py.File, path: Path, where: str, *, load_images: bool, want_
     arrays: dict[str, Any] = {}
     if want_arrays:
         arrays = {"actions": actions, "joint_positions": joints, "rewards": rewards, "timestamps": timestamps,
-                  "log_probs": None, "values": None, "images": {}}
+                  "log_probs": None, "values": None, "images": {},
+                  "step_info": {k: _read_array(d, where).astype(np.float32, copy=False) for k, d in d_info.items()}}
         if has_policy:
             arrays["log_probs"] = _read_array(d_lp, where).astype(np.float32, copy=False)
             arrays["values"] = _read_array(d_val, where).astype(np.float32, copy=False)
@@ -744,7 +827,7 @@ def read_episode(path: str | os.PathLike, *, load_images: bool = True) -> Episod
         joint_names=info.joint_names, images=arr["images"], joint_positions=arr["joint_positions"],
         actions=arr["actions"], rewards=arr["rewards"], timestamps=arr["timestamps"],
         log_probs=arr["log_probs"], values=arr["values"], metadata=info.metadata,
-        camera_names=info.camera_names, format_version=info.format_version,
+        camera_names=info.camera_names, format_version=info.format_version, step_info=arr["step_info"],
     )
 
 

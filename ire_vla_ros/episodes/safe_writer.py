@@ -1,0 +1,467 @@
+"""Episode writing in a child process, so that a filesystem fault cannot take the caller down.
+
+Why: h5py does not survive ENOSPC/EIO in the middle of a file. Measured on a 4 MB tmpfs: the
+write raises OSError, `close()` raises again, and freeing the half-closed file segfaults the
+Python process ("Can't destroy cache", then SIGSEGV): `ire-vla collect` died with rc -11, and a
+recorder node would have died with it. Here every h5py handle lives in a child process:
+
+* before each episode and each step the child checks free space (`min_free_mb` plus twice the
+  step's raw size: HDF5 keeps up to one unwritten image chunk in its cache) and aborts the episode
+  cleanly while there is still room (the partial file is removed, the child stays up);
+* an OSError while writing anyway (EIO, a quota, another process filling the disk) makes the child
+  report the error, remove the partial file and exit at once with os._exit, before h5py can free
+  the broken handle; the parent starts a fresh child for the next episode;
+* a child that dies for any other reason (a segfault) is noticed by the parent (closed pipe), the
+  episode is reported failed and the partial file removed.
+
+Finished episodes are never touched: they were renamed into place (fsynced) before the next began.
+
+Messages are JSON headers plus raw image bytes over a private socketpair (no pickle).
+
+    proc = WriterProcess(min_free_mb=100)
+    w = proc.open(root, dict(instruction=..., task=..., source=..., action_spec=..., joint_names=...))
+    w.append(images={"main": rgb}, joint_positions=q, action=a, reward=r, timestamp=t)
+    path = w.finalize(True)
+    proc.close()
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ire_vla_ros.vla.action_spec import ActionSpec
+
+__all__ = ["EpisodeWriteError", "WriterProcess", "ProcessEpisodeWriter"]
+
+_FAULT_EXIT = 75  # the child's exit status after a filesystem fault (EX_TEMPFAIL)
+
+
+class EpisodeWriteError(RuntimeError):
+    """The episode could not be written (disk full, I/O error, writer process died); it was aborted."""
+
+
+def _send(conn: Connection, header: dict, blobs: tuple = ()) -> None:
+    conn.send_bytes(json.dumps(header).encode())
+    for b in blobs:
+        conn.send_bytes(b)
+
+
+def _recv(conn: Connection) -> dict:
+    return json.loads(conn.recv_bytes().decode())
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+# =============================================================================================
+# parent side
+# =============================================================================================
+class WriterProcess:
+    """One child process that writes episodes, one at a time; restarted when it has died."""
+
+    def __init__(self, *, min_free_mb: float = 0.0, start: bool = True, reply_timeout_s: float = 120.0):
+        self.min_free_mb = float(min_free_mb)
+        self.reply_timeout_s = float(reply_timeout_s)
+        self.restarts = 0
+        self.last_exit = ""
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._lock = threading.Lock()
+        if start:
+            self.ensure_started()
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def ensure_started(self) -> None:
+        with self._lock:
+            if self.alive:
+                return
+            if self._proc is not None:
+                self._reap()
+                self.restarts += 1
+            parent_sock, child_sock = socket.socketpair()
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "ire_vla_ros.episodes.safe_writer", str(child_sock.fileno())],
+                    pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                )
+            finally:
+                child_sock.close()
+            self._conn = Connection(parent_sock.detach())
+
+    def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except OSError:
+                pass
+            self._conn = None
+        if proc is not None:
+            try:
+                code = proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            self.last_exit = _describe_exit(code)
+
+    def open(self, root, meta: Mapping[str, Any], *, compression: str | None = "lzf") -> "ProcessEpisodeWriter":
+        """Start an episode (`meta`: EpisodeWriter's keyword arguments); raises what EpisodeWriter
+        raises (ValueError for bad metadata) or EpisodeWriteError (disk full, I/O error)."""
+        self.ensure_started()
+        meta = dict(meta)
+        spec = meta.get("action_spec")
+        if isinstance(spec, ActionSpec):
+            meta["action_spec"] = spec.to_dict()
+        meta["camera_names"] = list(meta.get("camera_names", ("main",)))
+        meta["joint_names"] = list(meta["joint_names"])
+        reply = self.request({"op": "open", "root": str(root), "meta": meta, "compression": compression,
+                              "min_free_mb": self.min_free_mb})
+        if reply["op"] == "error":
+            raise (ValueError if reply.get("kind") == "value" else EpisodeWriteError)(reply["message"])
+        return ProcessEpisodeWriter(self, reply, meta)
+
+    # plumbing used by ProcessEpisodeWriter ---------------------------------------------------
+    def send(self, header: dict, blobs: tuple = ()) -> None:
+        conn = self._conn
+        if conn is None or not self.alive:
+            raise EpisodeWriteError(self._death())
+        try:
+            _send(conn, header, blobs)
+        except (OSError, EOFError, ValueError):
+            raise EpisodeWriteError(self._death()) from None
+
+    def poll_fault(self) -> str | None:
+        """A fault the child reported since the last call (non-blocking), else None."""
+        conn = self._conn
+        try:
+            while conn is not None and conn.poll(0):
+                msg = _recv(conn)
+                if msg["op"] == "fault":
+                    return msg["message"]
+        except (OSError, EOFError, ValueError):
+            return self._death()
+        return None
+
+    def request(self, header: dict) -> dict:
+        """Send and wait for the answer, skipping fault notices (they are repeated in the answer)."""
+        self.send(header)
+        deadline = time.monotonic() + self.reply_timeout_s
+        conn = self._conn
+        try:
+            while True:
+                if not conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
+                    if not self.alive:
+                        raise EpisodeWriteError(self._death())
+                    if time.monotonic() >= deadline:
+                        self.kill()
+                        raise EpisodeWriteError(f"episode writer process did not answer within "
+                                                f"{self.reply_timeout_s:.0f} s (killed)")
+                    continue
+                msg = _recv(conn)
+                if msg["op"] != "fault":
+                    return msg
+        except (OSError, EOFError, ValueError):
+            raise EpisodeWriteError(self._death()) from None
+
+    def _death(self) -> str:
+        """The child is gone (or going): its last fault notice if it sent one, and how it ended."""
+        fault = ""
+        with self._lock:
+            conn = self._conn
+            try:
+                while conn is not None and conn.poll(0):
+                    msg = _recv(conn)
+                    if msg.get("op") == "fault":
+                        fault = msg["message"]
+            except (OSError, EOFError, ValueError):
+                pass
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                self._reap()
+        how = f"episode writer process ended ({self.last_exit or 'pipe closed'})"
+        return f"{fault}; {how}" if fault else how
+
+    def kill(self) -> None:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+            self._reap()
+
+    def close(self) -> None:
+        """Ask the child to quit (an open episode is discarded), then reap it."""
+        with self._lock:
+            if self._conn is not None and self.alive:
+                try:
+                    _send(self._conn, {"op": "quit"})
+                except OSError:
+                    pass
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=10.0)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+            self._reap()
+
+    def __enter__(self) -> "WriterProcess":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class ProcessEpisodeWriter:
+    """EpisodeWriter's interface (append / finalize / abort) for an episode written by a WriterProcess.
+
+    `append` validates the step here (bad values raise ValueError and the episode goes on) and
+    streams it to the child without waiting; a fault the child reports (disk full, I/O error, its
+    death) raises EpisodeWriteError from the next append or finalize: the episode is gone, the
+    partial file removed.
+    """
+
+    def __init__(self, proc: WriterProcess, reply: dict, meta: dict):
+        from ire_vla_ros.episodes.store import StepValidator
+
+        self._proc = proc
+        self.partial_path = Path(reply["partial_path"])
+        self.final_path = Path(reply["final_path"])
+        self.name = reply["name"]
+        self._check = StepValidator(meta["camera_names"], meta["joint_names"],
+                                    ActionSpec.from_dict(meta["action_spec"]).dim)
+        self._n = 0
+        self._state = "open"
+        self._fault: str | None = None
+        self.write_time_s = 0.0  # time the child spent writing (reported by finalize)
+
+    @property
+    def n_steps(self) -> int:
+        return self._n
+
+    @property
+    def is_open(self) -> bool:
+        return self._state == "open"
+
+    def _fail(self, message: str) -> None:
+        self._state = "failed"
+        self._fault = message
+        try:  # the child has removed it already, unless it died before it could
+            self.partial_path.unlink()
+        except OSError:
+            pass
+        raise EpisodeWriteError(f"episode {self.name} aborted: {message}")
+
+    def _check_fault(self) -> None:
+        if self._state == "failed":
+            raise EpisodeWriteError(f"episode {self.name} aborted: {self._fault}")
+        if self._state != "open":
+            raise RuntimeError(f"episode writer is {self._state}")
+        fault = self._proc.poll_fault()
+        if fault:
+            self._fail(fault)
+
+    def append(self, *, images, joint_positions, action, reward, timestamp, log_prob=None, value=None,
+               step_info=None) -> int:
+        self._check_fault()
+        step = self._check.check(images=images, joint_positions=joint_positions, action=action, reward=reward,
+                                 timestamp=timestamp, log_prob=log_prob, value=value, step_info=step_info)
+        cams = list(step.images)
+        header = {"op": "step", "cams": cams, "shapes": [list(step.images[c].shape) for c in cams],
+                  "joint_positions": step.joint_positions.tolist(), "action": step.action.tolist(),
+                  "reward": step.reward, "timestamp": step.timestamp, "log_prob": step.log_prob,
+                  "value": step.value, "step_info": step.step_info, "nbytes": step.nbytes}
+        blobs = tuple(memoryview(np.ascontiguousarray(step.images[c])).cast("B") for c in cams)
+        try:
+            self._proc.send(header, blobs)
+        except EpisodeWriteError as exc:
+            self._fail(str(exc))
+        self._check.accept(step)
+        self._n += 1
+        return self._n
+
+    def finalize(self, success: bool, *, metadata: Mapping[str, Any] | None = None) -> Path:
+        from ire_vla_ros.episodes.store import EpisodeError
+
+        self._check_fault()
+        try:
+            reply = self._proc.request({"op": "finalize", "success": bool(success), "metadata": dict(metadata or {})})
+        except EpisodeWriteError as exc:
+            self._fail(str(exc))
+        if reply["op"] == "error":
+            self._state = "failed"
+            if reply.get("kind") == "empty":
+                raise EpisodeError(reply["message"])
+            self._fail(reply["message"])
+        self._state = "finalized"
+        self.write_time_s = float(reply.get("write_s", 0.0))
+        return Path(reply["path"])
+
+    def abort(self) -> None:
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        try:
+            self._proc.request({"op": "abort"})
+        except EpisodeWriteError:
+            try:
+                self.partial_path.unlink()
+            except OSError:
+                pass
+
+
+# =============================================================================================
+# child side
+# =============================================================================================
+def _child_main(fd: int) -> int:
+    from ire_vla_ros.diskspace import MB, DiskSpaceError, free_bytes, require_free_space
+    from ire_vla_ros.episodes.store import EpisodeWriter, ValidStep
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which closes us
+    conn = Connection(fd)
+    writer: EpisodeWriter | None = None
+    root: Path | None = None
+    min_free_mb = 0.0
+    fault = ""
+    write_s = 0.0
+    free_seen = 0     # free bytes at the last measurement
+    unflushed = 0     # raw bytes appended since (HDF5 caches them: the file does not grow yet)
+
+    def die(message: str) -> None:
+        """After an OSError inside h5py: report, remove the partial file, exit before h5py
+        frees its broken handles (which segfaults)."""
+        try:
+            _send(conn, {"op": "fault", "message": message})
+        except OSError:
+            pass
+        if writer is not None:
+            try:
+                os.unlink(writer.partial_path)
+            except OSError:
+                pass
+        os._exit(_FAULT_EXIT)
+
+    while True:
+        try:
+            msg = _recv(conn)
+        except (EOFError, OSError):
+            break
+        op = msg["op"]
+        if op == "quit":
+            break
+        if op == "open":
+            if writer is not None:
+                writer.abort()
+            writer, fault, write_s = None, "", 0.0
+            root = Path(msg["root"])
+            min_free_mb = float(msg["min_free_mb"])
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+                require_free_space(root, min_free_mb, what="a new episode")
+                free_seen, unflushed = free_bytes(root), 0
+                writer = EpisodeWriter(root, compression=msg["compression"], **msg["meta"])
+            except (ValueError, TypeError, FileExistsError) as exc:
+                _send(conn, {"op": "error", "kind": "value", "message": str(exc)})
+                continue
+            except OSError as exc:
+                _send(conn, {"op": "error", "kind": "io", "message": f"cannot create episode: {exc}"})
+                if not isinstance(exc, DiskSpaceError):
+                    os._exit(_FAULT_EXIT)
+                continue
+            _send(conn, {"op": "ok", "name": writer.name, "partial_path": str(writer.partial_path),
+                         "final_path": str(writer.final_path)})
+        elif op == "step":
+            blobs = [conn.recv_bytes() for _ in msg["cams"]]
+            if writer is None:
+                continue  # the episode failed: its remaining steps are dropped
+            images = {c: np.frombuffer(b, np.uint8).reshape(s) for c, b, s in zip(msg["cams"], blobs, msg["shapes"])}
+            step = ValidStep(images=images, joint_positions=np.asarray(msg["joint_positions"], np.float32),
+                             action=np.asarray(msg["action"], np.float32), reward=msg["reward"],
+                             timestamp=msg["timestamp"], log_prob=msg["log_prob"], value=msg["value"],
+                             step_info=msg["step_info"])
+            t0 = time.perf_counter()
+            try:
+                # Raw sizes bound what the cached, not yet written data will take: while they fit
+                # into the free space last measured, no syscall and no flush. Otherwise flush (the
+                # file now shows its true size), measure again, and refuse the step if it does
+                # not fit with twice its size (one more chunk may sit in the cache) to spare.
+                need = 2 * int(msg["nbytes"]) + int(max(0.0, min_free_mb) * MB)
+                if free_seen < unflushed + need:
+                    writer.flush()
+                    free_seen, unflushed = free_bytes(root), 0
+                    if free_seen < need:
+                        raise DiskSpaceError(
+                            f"disk full: {free_seen / MB:.1f} MB free under {root}, the next step needs "
+                            f"{2 * int(msg['nbytes']) / MB:.1f} MB + min_free_mb {min_free_mb:g} MB")
+                writer.append_valid(step)
+                unflushed += int(msg["nbytes"])
+            except DiskSpaceError as exc:
+                try:
+                    writer.abort()  # there is still room to close the file cleanly
+                except OSError as exc2:
+                    die(f"{exc}; closing failed: {exc2}")
+                writer, fault = None, f"{exc} (episode aborted after {writer.n_steps} steps)"
+                _send(conn, {"op": "fault", "message": fault})
+            except OSError as exc:
+                die(f"write failed: {exc}")
+            except Exception as exc:  # validated by the parent: not expected
+                writer.abort()
+                writer, fault = None, f"step not written: {type(exc).__name__}: {exc}"
+                _send(conn, {"op": "fault", "message": fault})
+            write_s += time.perf_counter() - t0
+        elif op == "finalize":
+            if writer is None:
+                _send(conn, {"op": "error", "kind": "io", "message": fault or "no episode is open"})
+                continue
+            w, writer = writer, None
+            t0 = time.perf_counter()
+            try:
+                path = w.finalize(msg["success"], metadata=msg["metadata"] or None)
+            except OSError as exc:
+                writer = w
+                die(f"finalize failed: {exc}")
+            except Exception as exc:  # zero steps (EpisodeError) or bad metadata: nothing kept
+                w.abort()
+                _send(conn, {"op": "error", "kind": "empty", "message": str(exc)})
+                continue
+            write_s += time.perf_counter() - t0
+            _send(conn, {"op": "saved", "path": str(path), "write_s": write_s, "steps": w.n_steps})
+        elif op == "abort":
+            if writer is not None:
+                writer.abort()
+            writer = None
+            _send(conn, {"op": "aborted"})
+    if writer is not None:
+        writer.abort()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child_main(int(sys.argv[1])))
