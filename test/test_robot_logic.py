@@ -341,3 +341,291 @@ def test_cv_bridge_wrapper_checks_layout_and_wraps_errors():
         CvBridgeDecoder(Bridge(exc=RuntimeError("boom")))(yuv)
     with pytest.raises(ImageDecodeError, match="expected"):
         CvBridgeDecoder(Bridge(result=np.zeros((2, 2), np.uint8)))(good)
+
+
+# ------------------------------------------------------------------------------ cv_bridge probe
+class _FakeBridge:
+    """Plays cv_bridge for the probe: `mode` good | raises | wrong_pixel."""
+
+    def __init__(self, mode="good"):
+        self.mode, self.calls = mode, 0
+
+    def imgmsg_to_cv2(self, msg, desired_encoding):
+        self.calls += 1
+        if self.mode == "raises":  # what the NumPy-1 binary does under NumPy 2, after a clean import
+            raise AttributeError("_ARRAY_API not found")
+        img = np.frombuffer(bytes(msg.data), np.uint8).reshape(msg.height, msg.width, 3)
+        if self.mode == "wrong_pixel":  # forgot the bgr -> rgb swap
+            return img.copy()
+        return np.ascontiguousarray(img[:, :, ::-1])
+
+
+def test_cv_bridge_chosen_only_when_probe_converts():
+    from ire_vla_ros.robot.image_codec import probe_bridge
+
+    good = _FakeBridge("good")
+    assert probe_bridge(good) is None and good.calls == 1
+    dec = make_decoder(True, bridge_factory=lambda: good)
+    assert dec.name == "cv_bridge" and dec.fallback_reason == ""
+    img = _rgb()
+    np.testing.assert_array_equal(dec(SimpleNamespace(**encode_rgb(img, "bgr8"))), img)
+
+    broken = make_decoder(True, bridge_factory=lambda: _FakeBridge("raises"))  # imports, fails on use
+    assert broken.name == "builtin" and "_ARRAY_API" in broken.fallback_reason
+    wrong = make_decoder(True, bridge_factory=lambda: _FakeBridge("wrong_pixel"))
+    assert wrong.name == "builtin" and "expected [30, 20, 10]" in wrong.fallback_reason
+
+    def no_module():
+        raise ModuleNotFoundError("No module named 'cv_bridge'")
+
+    missing = make_decoder(True, bridge_factory=no_module)
+    assert missing.name == "builtin" and "does not import" in missing.fallback_reason
+    assert make_decoder(False, bridge_factory=lambda: good).name == "builtin"
+
+
+# ------------------------------------------------------------------------------ compressed images, limits
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_compressed_header_size_and_decode(fmt):
+    import cv2
+
+    from ire_vla_ros.robot.image_codec import compressed_size, decode_compressed
+
+    img = _rgb(48, 80)
+    ok, buf = cv2.imencode("." + fmt, img[:, :, ::-1])
+    assert ok
+    assert compressed_size(buf.tobytes()) == (fmt, 80, 48)
+    out = decode_compressed(f"rgb8; {fmt} compressed bgr8", buf.tobytes())
+    assert out.shape == (48, 80, 3)
+    if fmt == "png":  # lossless
+        np.testing.assert_array_equal(out, img)
+    with pytest.raises(ImageDecodeError, match="cannot decode"):
+        decode_compressed(fmt, buf.tobytes()[:40])
+    with pytest.raises(ImageDecodeError, match="neither png nor jpeg"):
+        compressed_size(b"GIF89a....")
+
+
+def _png_header(width, height):
+    import struct
+
+    return b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">II", width, height) + b"\x08\x02\0\0\0"
+
+
+def test_image_limits_refuse_gigantic_claims_before_decoding():
+    from ire_vla_ros.robot.image_codec import ImageLimits
+
+    lim = ImageLimits(max_pixels=1000 * 1000, max_bytes=4 * 1024 * 1024)
+    ok = SimpleNamespace(**encode_rgb(_rgb(6, 5), "rgb8"))
+    assert lim.check(ok) is None
+    # a raw image that claims 100000 x 100000 with 12 bytes of data
+    huge = SimpleNamespace(height=100_000, width=100_000, step=300_000, encoding="rgb8", data=b"x" * 12)
+    assert "max_image_pixels" in lim.check(huge)
+    assert "max_image_bytes" in lim.check(SimpleNamespace(height=1, width=1, step=10**9, encoding="rgb8",
+                                                          data=b"x" * 3))
+    assert "max_image_bytes" in lim.check(SimpleNamespace(**{**vars(ok), "data": b"x" * (5 * 1024 * 1024)}))
+    # a 60-byte png whose header claims 60000 x 60000: refused from the header, never decoded
+    bomb = SimpleNamespace(format="png", data=_png_header(60_000, 60_000))
+    assert "60000x60000" in lim.check(bomb)
+    assert lim.check(SimpleNamespace(format="png", data=_png_header(640, 480))) is None
+
+
+def test_latest_observations_bounds_instruction_and_wakes_on_frame():
+    from ire_vla_ros.robot.image_codec import ImageLimits
+    from ire_vla_ros.robot.runner import LatestObservations
+
+    obs = LatestObservations(ImageLimits(max_pixels=100), max_instruction_bytes=8, instruction="start")
+    assert obs.set_instruction("ééé") == (True, "")          # 6 bytes
+    ok, why = obs.set_instruction("éééé" + "x")              # 9 bytes
+    assert not ok and "9 bytes" in why and obs.instruction == "ééé"
+    assert obs.counters["oversize_instructions"] == 1
+    assert obs.wait_frame(0.0) is False
+    big = SimpleNamespace(**encode_rgb(_rgb(20, 20), "rgb8"))
+    assert obs.offer_image(big, 1.0, 1.0) is not None and obs.counters["oversize_images"] == 1
+    assert obs.snapshot().image is None and obs.wait_frame(0.0) is False
+    small = SimpleNamespace(**encode_rgb(_rgb(5, 5), "rgb8"))
+    threading.Timer(0.05, lambda: obs.offer_image(small, 2.0, 2.5)).start()
+    assert obs.wait_frame(30.0) is True
+    snap = obs.snapshot()
+    assert snap.image is small and (snap.image_stamp, snap.image_rx) == (2.0, 2.5)
+
+
+# ------------------------------------------------------------------------------ stamp staleness
+def test_precheck_judges_image_by_stamp_as_well_as_arrival():
+    f = _filter()
+    assert f.precheck(10.0, 9.99, 9.99, 9.99, image_stamp=9.9).ok
+    late = f.precheck(10.0, 9.99, 9.99, 9.99, image_stamp=9.0)   # arrived just now, stamped 1 s ago
+    assert not late.ok and late.reason == Reason.STALE_IMAGE
+    assert f.precheck(10.0, 9.99, 9.99, 9.99, image_stamp=0.0).reason == Reason.STALE_IMAGE   # unstamped
+    assert f.precheck(10.0, 9.99, 9.99, 9.99, image_stamp=12.0).reason == Reason.STALE_IMAGE  # clock ahead
+    f.set_estop_link(False)
+    assert f.precheck(10.0, 9.99, 9.99, 9.99, image_stamp=9.9).reason == Reason.ESTOP_LOST
+    assert f.apply(np.zeros(4), [0, 0, 0.2]).reason == Reason.ESTOP_LOST
+
+
+def test_set_config_takes_effect_on_next_apply():
+    f = _filter()
+    big = np.array([1.0, 0.0, 0.0, 0.0])  # 10 mm
+    assert np.linalg.norm(f.apply(big, [0, 0, 0.2]).delta.translation_m) == pytest.approx(0.01)
+    f.set_config(SafetyConfig(max_translation_m=0.004, workspace_min=(-0.5, -0.5, 0.0),
+                              workspace_max=(0.001, 0.5, 0.5)))
+    d = f.apply(big, [0, 0, 0.2]).delta.translation_m
+    assert d[0] == pytest.approx(0.001)   # the new box, then the new clamp
+    assert np.linalg.norm(f.apply(big, [-0.2, 0, 0.2]).delta.translation_m) == pytest.approx(0.004)
+
+
+# ------------------------------------------------------------------------------ pacing
+@pytest.mark.parametrize("mode", ["timer", "frame"])
+def test_pacer_keeps_the_rate_on_a_30hz_camera(mode):
+    """Simulated time: a 30 Hz camera, a 10 Hz grid. Both modes give 10 commands/s; frame mode acts
+    right when a frame arrives (age 0), timer mode on whatever frame is newest."""
+    from ire_vla_ros.robot.runner import ControlPacer
+
+    pacer = ControlPacer(0.1, mode, now=0.0)
+    frames = [i / 30.0 + 0.004 for i in range(400)]  # 13 s of frames (10 s simulated), 4 ms transport
+    acts, ages, t, k = [], [], 0.0, 0
+    while t < 10.0:
+        deadline = t + pacer.timeout(t)
+        nxt = frames[k] if k < len(frames) else 1e9
+        if mode == "frame" and nxt <= deadline:
+            t, got = nxt, True
+            k += 1
+        else:
+            t, got = deadline, False
+            while k < len(frames) and frames[k] <= t:
+                k += 1
+        if pacer.ready(t, got):
+            acts.append(t)
+            if k:
+                ages.append(t - frames[k - 1])
+            pacer.done(t)
+    assert len(acts) == pytest.approx(100, abs=2)
+    gaps = np.diff(acts)
+    assert gaps.max() <= 0.1 + 1 / 30.0 + 1e-9      # steady: never more than a period + a frame
+    if mode == "frame":
+        assert max(ages) < 1e-9                      # acted on arrival
+    else:
+        assert np.mean(ages) > 0.01                  # waited on the grid
+
+
+def test_pacer_restarts_grid_after_stall():
+    from ire_vla_ros.robot.runner import ControlPacer
+
+    p = ControlPacer(0.1, "timer", now=0.0)
+    p.done(0.0)
+    p.done(5.0)                                       # the step took 5 s
+    assert p.due == pytest.approx(5.1)                # no burst of 50 catch-up steps
+
+
+# ------------------------------------------------------------------------------ runner
+class _Policy:
+    """A stand-in with the VLAPolicy surface the runner uses (act, action_spec, joint_names)."""
+
+    def __init__(self, action, joint_names=("j0", "j1")):
+        self.action = np.asarray(action, np.float32)
+        self.action_spec = METAWORLD_4D
+        self.joint_names = list(joint_names)
+        self.backbone = SimpleNamespace(image_size=64)
+        self.calls = 0
+
+    def act(self, image, state, instruction, deterministic=True):
+        self.calls += 1
+        assert image.shape == (64, 64, 3) and state.shape == (len(self.joint_names),)
+        return SimpleNamespace(action=self.action, log_prob=-1.0, value=0.5)
+
+
+def _runner(policy=None, **kw):
+    from ire_vla_ros.robot.image_codec import make_decoder as md
+    from ire_vla_ros.robot.runner import PolicyRunner
+
+    policy = policy or _Policy([0.5, 0.0, 0.0, 1.0])
+    r = PolicyRunner(policy, "/ckpt/a", _filter(), md(False), **kw)
+    r.enabled = True
+    return r
+
+
+def _snap(now=10.0, stamp=None, **kw):
+    from ire_vla_ros.robot.runner import Snapshot
+
+    msg = SimpleNamespace(**encode_rgb(_rgb(48, 80), "rgb8"))
+    base = dict(image=msg, image_stamp=now - 0.05 if stamp is None else stamp, image_rx=now - 0.01,
+                joints={"j0": (0.1, now - 0.01), "j1": (0.2, now - 0.01)}, ee_pos=np.array([0, 0, 0.2]),
+                ee_quat=np.array([0, 0, 0, 1.0]), ee_time=now - 0.01, instruction="go")
+    base.update(kw)
+    return Snapshot(**base)
+
+
+def test_runner_step_command_and_each_skip_reason():
+    from ire_vla_ros.robot.runner import Skip
+
+    r = _runner()
+    out = r.step(_snap(), 10.0)
+    assert out.command is not None and out.command.delta.translation_m[0] == pytest.approx(0.005)
+    assert out.command.image_stamp == pytest.approx(9.95)
+    r.sent(out.command, 10.01)
+    assert r.latency_ms.summary()["mean"] == pytest.approx(60.0, abs=1e-3)
+    assert r.step(_snap(stamp=8.0), 10.0).reason == Reason.STALE_IMAGE
+    assert r.step(_snap(joints={"j0": (0.1, 9.99)}), 10.0).reason == Skip.MISSING_JOINTS
+    assert r.step(_snap(joints={"j0": (np.nan, 9.99), "j1": (0.0, 9.99)}), 10.0).reason == Skip.MISSING_JOINTS
+    assert r.step(_snap(ee_frame_ok=False), 10.0).reason == Skip.EE_FRAME
+    bad = _snap(image=SimpleNamespace(**{**encode_rgb(_rgb(), "rgb8"), "encoding": "yuv422"}))
+    assert r.step(bad, 10.0).reason == Skip.REJECTED_IMAGE
+    r.enabled = False
+    assert r.step(_snap(), 10.0).reason == Skip.DISABLED
+    st = r.stats(10.0)
+    assert (st["commands_sent"], st["reject_stale_image"], st["missing_joints"], st["ee_frame_mismatch"],
+            st["rejected_images"], st["disabled"], st["ticks"]) == (1, 1, 2, 1, 1, 1, 7)
+    nan = _runner(_Policy([np.nan, 0, 0, 0]))
+    assert nan.step(_snap(), 10.0).reason == Reason.NAN_ACTION
+
+
+def test_runner_decodes_each_image_once():
+    r = _runner()
+    snap = _snap()
+    calls = []
+    inner = r.decoder
+    r.decoder = lambda m: calls.append(1) or inner(m)
+    r.step(snap, 10.0)
+    r.step(snap, 10.0)
+    assert len(calls) == 1 and r.policy.calls == 2
+
+
+def test_runner_swaps_offered_model_between_steps_only():
+    r = _runner()
+    new = _Policy([-0.5, 0.0, 0.0, 0.0])
+    r.offer_model(new, "/ckpt/b")
+    assert r.policy is not new and str(r.checkpoint) == "/ckpt/a"   # not until the next step
+    out = r.step(_snap(), 10.0)
+    assert r.policy is new and str(r.checkpoint) == "/ckpt/b" and r.counters["models_swapped"] == 1
+    assert out.command.delta.translation_m[0] == pytest.approx(-0.005)
+
+
+def test_reloader_answers_at_once_one_at_a_time_and_failed_load_keeps_model():
+    from ire_vla_ros.robot.runner import ModelReloader
+
+    gate, results = threading.Event(), []
+    r = _runner()
+    old = r.policy
+    outcome = {"fail": False}
+
+    def load():
+        gate.wait(30)
+        if outcome["fail"]:
+            raise ValueError("heads.safetensors truncated")
+        return _Policy([0.1, 0, 0, 0]), "/ckpt/new"
+
+    rl = ModelReloader(load, r.offer_model, lambda ok, msg: results.append((ok, msg)))
+    accepted, msg = rl.request()                   # returns while the load is blocked
+    assert accepted and "accepted" in msg and rl.running
+    busy, msg = rl.request()
+    assert not busy and "already running" in msg and rl.counters["reloads_refused_busy"] == 1
+    gate.set()
+    rl.join(30)
+    assert results == [(True, "loaded /ckpt/new")]
+    r.step(_snap(), 10.0)
+    assert r.policy is not old and str(r.checkpoint) == "/ckpt/new"
+    kept = r.policy
+    outcome["fail"] = True
+    assert rl.request()[0]
+    rl.join(30)
+    assert results[-1][0] is False and "truncated" in results[-1][1]
+    r.step(_snap(), 10.0)
+    assert r.policy is kept and rl.counters["reloads_failed"] == 1 and rl.counters["reloads_ok"] == 1

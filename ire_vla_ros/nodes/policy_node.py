@@ -1,122 +1,139 @@
 """policy_node: runs the VLA policy on camera + joint states and streams safe commands to the arm.
 
 Interface (defaults; every topic is a parameter, see config/policy_node.yaml)
-  subscribes  /camera/image_raw        sensor_msgs/Image         sensor-data QoS (best effort)
+  subscribes  /camera/image_raw        sensor_msgs/Image (image_transport raw), or
+              /camera/image_raw/compressed  sensor_msgs/CompressedImage jpeg/png (image_transport compressed);
+                                       reliability matched to the publishers (RELIABLE only if all offer it)
               /joint_states            sensor_msgs/JointState    merged by name (split publishers ok)
               /ee_pose                 geometry_msgs/PoseStamped EE pose in `command_frame`
-              /estop                   std_msgs/Bool             true latches a stop until false
+              /estop                   std_msgs/Bool, LATCHED (reliable + transient local): true stops
+                                       until false arrives; a node started while true is held starts stopped
               ~/instruction            std_msgs/String           transient-local (latched)
-  publishes   /servo_node/delta_twist_cmds  geometry_msgs/TwistStamped   (motion_backend servo_twist)
-              /servo_node/pose_target_cmds  geometry_msgs/PoseStamped    (motion_backend servo_pose)
-              /gripper/command         std_msgs/Float64          gripper action in [-1 open, 1 closed]
-              ~/action                 sensor_msgs/JointState    for the recorder, layout below
-              /diagnostics             diagnostic_msgs/DiagnosticArray  ~1 Hz
+  publishes   the motion backend's command (nodes/motion_backends.py: Servo twist / pose, MoveItPy) + gripper
+              ~/action                 sensor_msgs/JointState    for the recorder (robot/action_msg.py layout)
+              ~/params_in_force        std_msgs/String (latched) JSON of every parameter value in force
+              /diagnostics             diagnostic_msgs/DiagnosticArray
   services    ~/enable  std_srvs/SetBool   the node starts DISABLED: no command until enabled
               ~/explore std_srvs/SetBool   true: sample from the policy, false: mean action
-              ~/reload  std_srvs/Trigger   load the newest checkpoint in the background; a failed
-                                           load keeps the running model and the response says why
-  client      /servo_node/switch_command_type  moveit_msgs/ServoCommandType (when moveit_msgs imports)
+              ~/reload  std_srvs/Trigger   answers at once (accepted / already running); loads `checkpoint`
+                                           (its `latest`) in a worker thread, swaps between ticks; a failed
+                                           load keeps the running model. Result: log, /diagnostics, counters
 
-`~/action` layout (one message per command actually sent):
-  header.stamp = the stamp of the camera image the action was computed from
-  name     = action_spec.names + ["log_prob", "value"]   e.g. [dx, dy, dz, gripper, log_prob, value]
-  position = the policy's action in environment units (as sampled, before the safety filter)
-             + [log_prob of that action, critic value]
-The recorder pairs it with the image by stamp; log_prob refers to the recorded (unfiltered) action,
-which is what PPO needs. The safety filter is part of the environment from the policy's view.
-
-Control loop (timer, own callback group): e-stop / freshness checks -> joint lookup by the
-checkpoint's joint names -> image decode (cv_bridge if it imports, else the built-in converter) and
-resize to the model input (cv2.INTER_AREA) -> policy.act -> SafetyFilter -> command + gripper +
-~/action. Sensor callbacks only cache the newest message. Run `policy_node --help` for parameters.
+Control loop: its own thread (robot/runner.py), never the executor. Callbacks only store the newest
+messages. By default (`control_trigger: frame`) a step runs when a new camera frame arrives, on a
+grid of 1/control_rate_hz (commands steady at the rate, the image fresh); `timer` steps on the grid
+alone. No command from a frame whose header stamp is older than `stale_timeout_s`, however late
+it arrived. Writable parameters take effect when set; paths, device and topics are read-only.
 """
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from geometry_msgs.msg import PoseStamped, TwistStamped
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from geometry_msgs.msg import PoseStamped
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.duration import Duration
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
-from rclpy.time import Time
-from sensor_msgs.msg import Image, JointState
-from std_msgs.msg import Bool, Float64, String
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, LivelinessPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image, JointState
+from std_msgs.msg import Bool, String
 from std_srvs.srv import SetBool, Trigger
 
+from ire_vla_ros.nodes import motion_backends
 from ire_vla_ros.nodes.ros_common import (
-    COMMAND_QOS,
-    LATCHED_QOS,
-    RELIABLE_QOS,
-    SENSOR_QOS,
-    NodeStartupError,
-    P,
-    declare_params,
-    run_node,
+    ESTOP_QOS, LATCHED_QOS, RELIABLE_QOS, NodeStartupError, P, bind_live_params, declare_params,
+    params_as_dict, run_node, stamp_ns,
 )
-from ire_vla_ros.robot.image_codec import ImageDecodeError, make_decoder, resize_rgb
-from ire_vla_ros.robot.motion import pose_after_delta, twist_from_delta
-from ire_vla_ros.robot.safety import Reason, SafetyConfig, SafetyFilter
-from ire_vla_ros.robot.stats import RateMeter, RollingStats
+from ire_vla_ros.robot.action_msg import pack_action
+from ire_vla_ros.robot.image_codec import CompressedDecoder, ImageLimits, make_decoder
+from ire_vla_ros.robot.runner import ControlPacer, LatestObservations, ModelReloader, PolicyRunner
+from ire_vla_ros.robot.safety import SafetyConfig, SafetyFilter
 
-BACKENDS = ("servo_twist", "servo_pose", "moveit_py")
-
-PARAMS = {
+_POLICY_PARAMS = {
     "checkpoint": P("models/metaworld_tiny",
                     "Checkpoint directory, or a root holding a `latest` pointer (followed at start and on "
                     "~/reload). A relative path not found from the working directory is taken relative to "
-                    "the package share directory (models/ lives there)."),
-    "device": P("auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N"),
-    "torch_num_threads": P(1, "torch.set_num_threads for CPU inference (0 = torch default). 1 avoids "
+                    "the package share directory (models/ lives there)", read_only=True),
+    "device": P("auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N", read_only=True),
+    "torch_num_threads": P(1, "torch.set_num_threads for CPU inference (0 = leave torch's default). 1 avoids "
                            "thread oversubscription next to the ROS executor on small machines", min=0, max=256),
-    "control_rate_hz": P(10.0, "Policy / command rate. Keep 1/rate below Servo's incoming_command_timeout "
-                         "(0.1 s default) or raise that timeout", min=0.5, max=100.0, read_only=True),
+    "control_rate_hz": P(10.0, "Policy / command rate. Keep 1/rate below Servo's incoming_command_timeout",
+                         min=0.5, max=100.0, read_only=True),
+    "control_trigger": P("frame", "frame: step when a new camera frame arrives, on the control-rate grid "
+                         "(fresh image, steady rate); timer: step on the grid alone", read_only=True,
+                         constraints="one of frame, timer"),
     "default_instruction": P("", "Instruction until one arrives on ~/instruction; empty = the checkpoint's "
-                             "metadata `instruction` if any"),
-    "image_topic": P("/camera/image_raw", "sensor_msgs/Image input (sensor-data QoS)", read_only=True),
+                             "metadata `instruction` if any. Setting it replaces the current instruction"),
+    "image_topic": P("/camera/image_raw", "Camera topic (raw Image; `/compressed` is appended for compressed)",
+                     read_only=True),
+    "image_transport": P("raw", "raw: sensor_msgs/Image on image_topic; compressed: sensor_msgs/CompressedImage "
+                         "(jpeg, png) on image_topic + '/compressed'", read_only=True,
+                         constraints="one of raw, compressed"),
+    "image_reliability": P("auto", "auto: RELIABLE when every camera publisher offers it, else BEST_EFFORT "
+                           "(re-checked as publishers come and go); reliable; best_effort", read_only=True,
+                           constraints="one of auto, reliable, best_effort"),
     "joint_states_topic": P("/joint_states", "sensor_msgs/JointState input", read_only=True),
     "ee_pose_topic": P("/ee_pose", "geometry_msgs/PoseStamped EE pose in command_frame", read_only=True),
     "ee_link": P("", "If set, the EE pose comes from TF (command_frame <- ee_link, needs tf2_ros) instead "
                  "of ee_pose_topic", read_only=True),
-    "estop_topic": P("/estop", "std_msgs/Bool e-stop: true stops commands until false arrives", read_only=True),
+    "estop_topic": P("/estop", "std_msgs/Bool e-stop, latched (reliable + transient local)", read_only=True),
+    "estop_lost_action": P("ignore", "stop: no command unless an e-stop publisher is matched and alive and has "
+                           "sent its state since it appeared; ignore: only an explicit true stops",
+                           read_only=True, constraints="one of ignore, stop"),
+    "estop_lease_s": P(0.0, "> 0: request liveliness AUTOMATIC with this lease on /estop (the e-stop "
+                       "publisher must offer a lease <= this); 0: publisher loss = unmatched", min=0.0,
+                       max=3600.0, read_only=True),
     "gripper_topic": P("/gripper/command", "std_msgs/Float64 gripper command", read_only=True),
-    "motion_backend": P("servo_twist", "servo_twist | servo_pose | moveit_py", read_only=True,
-                        constraints="one of servo_twist, servo_pose, moveit_py"),
-    "command_frame": P("base_link", "frame_id of commands; the workspace box and EE pose are in it"),
-    "twist_topic": P("/servo_node/delta_twist_cmds", "TwistStamped output (servo_twist)", read_only=True),
-    "pose_topic": P("/servo_node/pose_target_cmds", "PoseStamped output (servo_pose)", read_only=True),
-    "servo_switch_service": P("/servo_node/switch_command_type",
-                              "moveit_msgs/srv/ServoCommandType service ('' = do not call)", read_only=True),
-    "moveit_planning_group": P("arm", "Planning group (moveit_py backend)", read_only=True),
-    "moveit_pose_link": P("", "Link whose pose is commanded (moveit_py backend; '' = ee_link)", read_only=True),
-    "prefer_cv_bridge": P(True, "Use cv_bridge when it imports (falls back to the built-in converter)",
-                          read_only=True),
-    "explore": P(False, "Initial exploration state (sample instead of mean action); see ~/explore"),
+    "command_frame": P("base_link", "frame_id of commands; the workspace box and EE pose are in it",
+                       read_only=True),
+    "prefer_cv_bridge": P(True, "Use cv_bridge when it converts a probe image at start-up, else the built-in "
+                          "converter", read_only=True),
+    "explore": P(False, "Sample actions (true) or use the mean (false); ~/explore sets it too"),
     "max_translation_m": P(0.02, "Per-step translation clamp (norm, metres)", min=0.0, max=0.5),
-    "max_rotation_rad": P(0.1, "Per-step rotation clamp (norm, radians)", min=0.0, max=1.0),
+    "max_rotation_rad": P(0.08, "Per-step rotation clamp (norm, radians); 0.08 at 10 Hz = Servo's default "
+                          "scale.rotational 0.8 rad/s", min=0.0, max=1.0),
     "workspace_enabled": P(True, "Clip steps to the workspace box (needs a fresh EE pose)"),
     "workspace_min_xyz": P([-0.6, -0.6, 0.0], "Workspace box lower corner (m, command_frame)"),
     "workspace_max_xyz": P([0.6, 0.6, 0.8], "Workspace box upper corner (m, command_frame)"),
-    "stale_timeout_s": P(0.5, "No command when the newest image or joint state is older (receive time)",
-                         min=0.01, max=10.0),
-    "ee_pose_timeout_s": P(0.5, "No command when the EE pose is older (workspace box enabled)",
-                           min=0.01, max=10.0),
+    "stale_timeout_s": P(0.5, "No command when the image's header stamp or arrival, or the newest joint "
+                         "state, is older than this", min=0.01, max=10.0),
+    "ee_pose_timeout_s": P(0.5, "No command when the EE pose is older (workspace box enabled)", min=0.01, max=10.0),
+    "max_image_pixels": P(4096 * 4096, "Images claiming more pixels (width x height, or a jpeg/png header's) "
+                          "are refused and counted before decoding", min=1, max=2**31),
+    "max_image_bytes": P(64 * 1024 * 1024, "Images with more data bytes (or a larger row step) are refused "
+                         "and counted before decoding", min=1, max=2**31),
+    "max_instruction_bytes": P(1024, "Instructions longer than this (UTF-8 bytes) are refused and counted",
+                               min=1, max=1 << 20),
     "diagnostics_period_s": P(1.0, "Period of /diagnostics", min=0.1, max=60.0, read_only=True),
 }
-
+PARAMS = {**_POLICY_PARAMS, **motion_backends.PARAMS}
 DESCRIPTION = __doc__.split("\n\n")[0]
+SAFETY_KEYS = ("max_translation_m", "max_rotation_rad", "workspace_enabled", "workspace_min_xyz",
+               "workspace_max_xyz", "stale_timeout_s", "ee_pose_timeout_s")
 
 
-def _now_s(node: Node) -> float:
-    return node.get_clock().now().nanoseconds * 1e-9
+def safety_config(v: dict) -> SafetyConfig:
+    return SafetyConfig(
+        max_translation_m=v["max_translation_m"], max_rotation_rad=v["max_rotation_rad"],
+        workspace_enabled=v["workspace_enabled"], workspace_min=tuple(v["workspace_min_xyz"]),
+        workspace_max=tuple(v["workspace_max_xyz"]), stale_timeout_s=v["stale_timeout_s"],
+        ee_pose_timeout_s=v["ee_pose_timeout_s"])
 
 
-def _stamp_ns(stamp) -> int:
-    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+def reliability_for(offered) -> ReliabilityPolicy | None:
+    """As rosbag2 does: RELIABLE only if every publisher offers it; None when there is no publisher."""
+    offered = list(offered)
+    if not offered:
+        return None
+    return (ReliabilityPolicy.RELIABLE if all(r == ReliabilityPolicy.RELIABLE for r in offered)
+            else ReliabilityPolicy.BEST_EFFORT)
 
 
 class PolicyNode(Node):
@@ -124,73 +141,53 @@ class PolicyNode(Node):
 
     def __init__(self, node_name: str = "policy_node", **kwargs):
         super().__init__(node_name, **kwargs)
-        self.p = declare_params(self, PARAMS)
-        p = self.p
-        log = self.get_logger()
-        if p.motion_backend not in BACKENDS:
-            raise NodeStartupError(f"motion_backend {p.motion_backend!r} is not one of {BACKENDS}")
-        self._MoveItPy = self._import_moveit_py() if p.motion_backend == "moveit_py" else None
+        self.p = p = declare_params(self, PARAMS)
+        for name, allowed in (("control_trigger", ControlPacer.MODES), ("image_transport", ("raw", "compressed")),
+                              ("image_reliability", ("auto", "reliable", "best_effort")),
+                              ("estop_lost_action", ("ignore", "stop"))):
+            if getattr(p, name) not in allowed:
+                raise NodeStartupError(f"{name} {getattr(p, name)!r} is not one of {allowed}")
+        try:
+            safety_cfg = safety_config(vars(p))
+        except ValueError as exc:
+            raise NodeStartupError(f"safety parameters: {exc}") from exc
+        group = MutuallyExclusiveCallbackGroup()
+        self.backend = motion_backends.make_motion_backend(self, p, group)  # before the (slow) model load
 
-        # ---- model ------------------------------------------------------------------------
+        # ---- model ------------------------------------------------------------------------------
         try:
             import torch
 
-            from ire_vla_ros.vla.checkpoint import load_checkpoint, resolve_checkpoint
+            from ire_vla_ros.vla.checkpoint import load_checkpoint, resolve_checkpoint, resolve_device
         except ImportError as exc:
             raise NodeStartupError(f"the policy needs torch and ire_vla_ros.vla: {exc}") from exc
-        self._torch = torch
-        self._load_checkpoint = load_checkpoint
-        self._resolve_checkpoint = resolve_checkpoint
+        self._torch, self._load_checkpoint, self._resolve_checkpoint = torch, load_checkpoint, resolve_checkpoint
         if p.torch_num_threads > 0:
             torch.set_num_threads(int(p.torch_num_threads))
-        self._device = self._resolve_device(p.device)
-        self._checkpoint_arg = self._checkpoint_location(p.checkpoint)
         try:
-            policy, ckpt = self._load(self._checkpoint_arg)
+            self._device = resolve_device(p.device)
+        except RuntimeError as exc:
+            raise NodeStartupError(str(exc)) from exc
+        self._checkpoint_root = _checkpoint_location(p.checkpoint)
+        try:
+            policy, ckpt = self._load()
         except Exception as exc:  # CheckpointError and anything a broken checkpoint throws
-            raise NodeStartupError(f"cannot load checkpoint {self._checkpoint_arg}: {exc}") from exc
-        self._model_lock = threading.Lock()
-        self._policy = policy
-        self._checkpoint_path = ckpt
-        self._input_size = self._model_input_size(policy)
+            raise NodeStartupError(f"cannot load checkpoint {self._checkpoint_root}: {exc}") from exc
+        safety = SafetyFilter(safety_cfg, policy.action_spec)
+        safety.set_estop_link(p.estop_lost_action == "ignore")  # "stop": stopped until a publisher speaks
 
-        # ---- state --------------------------------------------------------------------------
-        self._lock = threading.Lock()
-        self._image_msg: Image | None = None
-        self._image_rx: float | None = None
-        self._joints: dict[str, tuple[float, float]] = {}   # name -> (position, rx time)
-        self._joints_rx: float | None = None
-        self._ee_pose: PoseStamped | None = None
-        self._ee_rx: float | None = None
-        self._instruction = p.default_instruction or self._metadata_instruction(ckpt)
-        self._enabled = False
-        self._explore = bool(p.explore)
-        self._decoded_for = None      # the Image message the cached decode belongs to
-        self._decoded = None          # its resized RGB array or the ImageDecodeError
-        self._reload_lock = threading.Lock()
+        # ---- control logic (no ROS) --------------------------------------------------------------
+        decoder = CompressedDecoder() if p.image_transport == "compressed" else make_decoder(p.prefer_cv_bridge)
+        self.runner = PolicyRunner(policy, ckpt, safety, decoder, needs_ee_pose=self.backend.needs_ee_pose,
+                                   explore=p.explore)
+        self.obs = LatestObservations(ImageLimits(p.max_image_pixels, p.max_image_bytes), p.max_instruction_bytes,
+                                      p.default_instruction or _metadata_instruction(ckpt))
+        self.reloader = ModelReloader(self._load, self.runner.offer_model, self._reload_done)
+        self._estop_matched = 0
+        self._moving = False
+        bind_live_params(self, _POLICY_PARAMS, p, check=self._check_params, apply=self._apply_params)
 
-        try:
-            safety_cfg = SafetyConfig(
-                max_translation_m=p.max_translation_m, max_rotation_rad=p.max_rotation_rad,
-                workspace_enabled=p.workspace_enabled, workspace_min=tuple(p.workspace_min_xyz),
-                workspace_max=tuple(p.workspace_max_xyz), stale_timeout_s=p.stale_timeout_s,
-                ee_pose_timeout_s=p.ee_pose_timeout_s,
-            )
-        except ValueError as exc:
-            raise NodeStartupError(f"safety parameters: {exc}") from exc
-        self._safety = SafetyFilter(safety_cfg, policy.action_spec)
-        self.counters: Counter = Counter(
-            {"commands_sent": 0, "rejected_images": 0, "missing_joints": 0, "inference_errors": 0,
-             "ee_frame_mismatch": 0, "reloads_ok": 0, "reloads_failed": 0}
-        )
-        self.latency_ms = RollingStats(200)      # image stamp -> command publish
-        self.inference_ms = RollingStats(200)
-        self.image_delay_ms = RollingStats(200)  # image stamp -> received by this node (transport)
-        self.image_age_ms = RollingStats(200)    # image stamp -> picked up by a control tick
-        self._cmd_rate = RateMeter(5.0)
-        self._decoder = make_decoder(p.prefer_cv_bridge)
-
-        # ---- EE pose from TF (optional) --------------------------------------------------------
+        # ---- ROS interfaces ------------------------------------------------------------------------
         self._tf_buffer = None
         if p.ee_link:
             try:
@@ -200,462 +197,284 @@ class PolicyNode(Node):
                                        f"publish the EE pose on {p.ee_pose_topic!r} and leave ee_link empty") from exc
             self._tf_buffer = Buffer()
             self._tf_listener = TransformListener(self._tf_buffer, self)
-
-        # ---- motion backend ---------------------------------------------------------------------
-        self._moveit = None
-        if p.motion_backend == "moveit_py":
-            self._setup_moveit_py()
-
-        # ---- ROS interfaces -----------------------------------------------------------------------
-        self._sensor_group = ReentrantCallbackGroup()
-        self._control_group = MutuallyExclusiveCallbackGroup()
-        self._service_group = ReentrantCallbackGroup()
-        self._diag_group = MutuallyExclusiveCallbackGroup()
-
-        self.create_subscription(Image, p.image_topic, self._on_image, SENSOR_QOS,
-                                 callback_group=self._sensor_group)
-        self.create_subscription(JointState, p.joint_states_topic, self._on_joints, SENSOR_QOS,
-                                 callback_group=self._sensor_group)
-        if not p.ee_link:
-            self.create_subscription(PoseStamped, p.ee_pose_topic, self._on_ee_pose, SENSOR_QOS,
-                                     callback_group=self._sensor_group)
-        self.create_subscription(Bool, p.estop_topic, self._on_estop, RELIABLE_QOS,
-                                 callback_group=self._sensor_group)
-        self.create_subscription(String, "~/instruction", self._on_instruction, LATCHED_QOS,
-                                 callback_group=self._sensor_group)
-
-        self._twist_pub = (self.create_publisher(TwistStamped, p.twist_topic, COMMAND_QOS)
-                           if p.motion_backend == "servo_twist" else None)
-        self._pose_pub = (self.create_publisher(PoseStamped, p.pose_topic, COMMAND_QOS)
-                          if p.motion_backend == "servo_pose" else None)
-        self._gripper_pub = self.create_publisher(Float64, p.gripper_topic, COMMAND_QOS)
+        else:
+            self.create_subscription(PoseStamped, p.ee_pose_topic, self._on_ee_pose, RELIABLE_QOS)
+        self._image_type = CompressedImage if p.image_transport == "compressed" else Image
+        self._image_topic = p.image_topic.rstrip("/") + ("/compressed" if p.image_transport == "compressed" else "")
+        self._image_sub, self.image_reliability = None, None
+        self._match_image_qos()
+        self._image_qos_timer = self.create_timer(1.0, self._match_image_qos)
+        self.create_subscription(JointState, p.joint_states_topic, self._on_joints, RELIABLE_QOS)
+        estop_qos = ESTOP_QOS
+        if p.estop_lease_s > 0:
+            estop_qos = QoSProfile(history=ESTOP_QOS.history, depth=ESTOP_QOS.depth,
+                                   reliability=ESTOP_QOS.reliability, durability=ESTOP_QOS.durability,
+                                   liveliness=LivelinessPolicy.AUTOMATIC,
+                                   liveliness_lease_duration=Duration(seconds=p.estop_lease_s))
+        self.create_subscription(Bool, p.estop_topic, self._on_estop, estop_qos, event_callbacks=
+                                 SubscriptionEventCallbacks(matched=self._on_estop_matched,
+                                                            liveliness=self._on_estop_liveliness))
+        self.create_subscription(String, "~/instruction", self._on_instruction, LATCHED_QOS)
         self._action_pub = self.create_publisher(JointState, "~/action", RELIABLE_QOS)
+        self._params_pub = self.create_publisher(String, "~/params_in_force", LATCHED_QOS)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_service(SetBool, "~/enable", self._srv_enable)
+        self.create_service(SetBool, "~/explore", self._srv_explore)
+        self.create_service(Trigger, "~/reload", self._srv_reload)
+        self.create_timer(p.diagnostics_period_s, self._publish_diagnostics)
+        self._publish_params()
 
-        self.create_service(SetBool, "~/enable", self._srv_enable, callback_group=self._service_group)
-        self.create_service(SetBool, "~/explore", self._srv_explore, callback_group=self._service_group)
-        self.create_service(Trigger, "~/reload", self._srv_reload, callback_group=self._service_group)
+        self._stop = threading.Event()
+        self._pacer = ControlPacer(1.0 / p.control_rate_hz, p.control_trigger, now=time.monotonic())
+        self._thread = threading.Thread(target=self._control_loop, name="policy_control", daemon=True)
+        self._thread.start()
+        self.get_logger().info(
+            f"loaded {ckpt} on {self._device}: action {list(policy.action_spec.names)}, {len(policy.joint_names)} "
+            f"joints, input {self.runner.input_size}; backend {self.backend.name}, {p.image_transport} images "
+            f"({decoder.name}{'; ' + decoder.fallback_reason if decoder.fallback_reason else ''}), trigger "
+            f"{p.control_trigger} at {p.control_rate_hz} Hz; DISABLED until ~/enable")
 
-        self._period = 1.0 / p.control_rate_hz
-        self._timer = self.create_timer(self._period, self._tick, callback_group=self._control_group)
-        self._diag_timer = self.create_timer(p.diagnostics_period_s, self._publish_diagnostics,
-                                             callback_group=self._diag_group)
+    # ======================================================================== model
+    def _load(self):
+        ckpt = self._resolve_checkpoint(self._checkpoint_root)
+        return self._load_checkpoint(ckpt, device=self._device).eval(), ckpt
 
-        self._servo_client = None
-        self._servo_switch_timer = None
-        if p.motion_backend in ("servo_twist", "servo_pose") and p.servo_switch_service:
-            self._setup_servo_switch()
+    def _reload_done(self, ok: bool, message: str) -> None:  # loader thread
+        if ok:  # rclpy fixes a log call site's severity: one call per level
+            self.get_logger().info(f"~/reload {message}")
+        else:
+            self.get_logger().error(f"~/reload {message}")
 
-        if self._period >= 0.1:
-            log.warning(f"control_rate_hz={p.control_rate_hz}: a command period of {self._period:.3f} s is not "
-                        "below MoveIt Servo's default incoming_command_timeout (0.1 s); Servo will halt "
-                        "between commands unless that timeout is raised (see config/policy_node.yaml)")
-        log.info(f"loaded {ckpt} on {self._device}: action {list(policy.action_spec.names)}, "
-                 f"{len(policy.joint_names)} joints, input {self._input_size}; backend {p.motion_backend}, "
-                 f"image decoder {self._decoder.name}; DISABLED until ~/enable")
-
-    # ======================================================================== model loading
-    def _resolve_device(self, device: str) -> str:
-        torch = self._torch
-        if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise NodeStartupError(f"device {device!r} requested but CUDA is not available")
-        return device
-
-    @staticmethod
-    def _checkpoint_location(arg: str) -> Path:
-        path = Path(arg).expanduser()
-        if path.is_absolute() or path.exists():
-            return path
-        from ire_vla_ros.paths import share_dir
-
-        return share_dir() / path
-
-    def _load(self, location: Path):
-        ckpt = self._resolve_checkpoint(location)
-        policy = self._load_checkpoint(ckpt, device=self._device)
-        policy.eval()
-        return policy, ckpt
-
-    @staticmethod
-    def _model_input_size(policy):
-        size = getattr(getattr(policy, "backbone", None), "image_size", None)
-        if size is None:
-            size = getattr(getattr(getattr(policy, "cfg", None), "backbone", None), "image_size", None)
-        return int(size) if size else None
-
-    def _metadata_instruction(self, ckpt: Path) -> str:
+    # ======================================================================== parameters
+    def _check_params(self, v: dict) -> str | None:
         try:
-            import json
+            safety_config(v)
+        except ValueError as exc:
+            return str(exc)
+        n = len(v["default_instruction"].encode("utf-8", "surrogatepass"))
+        if n > v["max_instruction_bytes"]:
+            return f"default_instruction is {n} bytes > max_instruction_bytes {v['max_instruction_bytes']}"
+        return None
 
-            meta = json.loads((Path(ckpt) / "metadata.json").read_text())
-            return str(meta.get("instruction", "") or "")
-        except Exception:
-            return ""
+    def _apply_params(self, changed: dict) -> None:
+        with self.runner.lock:  # between steps: the next command uses the new values
+            if set(changed) & set(SAFETY_KEYS):
+                self.runner.safety.set_config(safety_config(vars(self.p)))
+            if "explore" in changed:
+                self.runner.explore = bool(changed["explore"])
+            if "torch_num_threads" in changed and changed["torch_num_threads"] > 0:
+                self._torch.set_num_threads(int(changed["torch_num_threads"]))
+            limits = self.obs.limits
+            limits.max_pixels, limits.max_bytes = int(self.p.max_image_pixels), int(self.p.max_image_bytes)
+            self.obs.max_instruction_bytes = int(self.p.max_instruction_bytes)
+            if "default_instruction" in changed and changed["default_instruction"]:
+                self.obs.set_instruction(changed["default_instruction"])
+        self.get_logger().info(f"parameters set: {changed}")
+        self._publish_params()
 
-    # ======================================================================== backends
-    def _import_moveit_py(self):
-        """Imported only when motion_backend is moveit_py; checked before the model loads."""
-        try:
-            from moveit.planning import MoveItPy  # noqa: PLC0415
-        except Exception as exc:
-            raise NodeStartupError(
-                f"motion_backend 'moveit_py' needs MoveIt's Python bindings (package moveit_py, module "
-                f"moveit.planning), which do not import here ({type(exc).__name__}: {exc}). Install "
-                f"ros-jazzy-moveit-py or use motion_backend servo_twist / servo_pose") from exc
-        if not (self.p.moveit_pose_link or self.p.ee_link):
-            raise NodeStartupError("motion_backend 'moveit_py' needs moveit_pose_link (or ee_link)")
-        return MoveItPy
+    def _publish_params(self) -> None:
+        values = params_as_dict(self, PARAMS)
+        values["checkpoint_loaded"] = str(self.runner.checkpoint)
+        self._params_pub.publish(String(data=json.dumps(values, sort_keys=True)))
 
-    def _setup_moveit_py(self) -> None:  # pragma: no cover - needs MoveIt
-        self._moveit = self._MoveItPy(node_name=f"{self.get_name()}_moveit_py")
-        self._moveit_arm = self._moveit.get_planning_component(self.p.moveit_planning_group)
-        self.get_logger().warning("moveit_py backend plans and executes every step: expect far less than "
-                                  "control_rate_hz; stream through MoveIt Servo for closed-loop control")
+    # ======================================================================== callbacks: store only
+    def _now(self) -> float:
+        return self.get_clock().now().nanoseconds * 1e-9
 
-    def _setup_servo_switch(self) -> None:
-        try:
-            from moveit_msgs.srv import ServoCommandType  # noqa: PLC0415
-        except Exception as exc:
-            self.get_logger().warning(
-                f"moveit_msgs does not import ({type(exc).__name__}); could not call "
-                f"{self.p.servo_switch_service}: set Servo's command type to "
-                f"{'TWIST' if self.p.motion_backend == 'servo_twist' else 'POSE'} yourself")
-            return
-        self._servo_srv_type = ServoCommandType
-        self._servo_client = self.create_client(ServoCommandType, self.p.servo_switch_service,
-                                                callback_group=self._service_group)
-        self._servo_switch_tries = 0
-        self._servo_switch_timer = self.create_timer(1.0, self._try_servo_switch,
-                                                     callback_group=self._service_group)
-
-    def _try_servo_switch(self) -> None:
-        self._servo_switch_tries += 1
-        if not self._servo_client.service_is_ready():
-            if self._servo_switch_tries in (5, 30):
-                self.get_logger().warning(f"{self.p.servo_switch_service} not available yet")
-            if self._servo_switch_tries >= 60:
-                self.get_logger().error(f"gave up calling {self.p.servo_switch_service} after 60 s")
-                self._servo_switch_timer.cancel()
-            return
-        self._servo_switch_timer.cancel()
-        req = self._servo_srv_type.Request()
-        name = "TWIST" if self.p.motion_backend == "servo_twist" else "POSE"
-        req.command_type = int(getattr(self._servo_srv_type.Request, name, 1 if name == "TWIST" else 2))
-        future = self._servo_client.call_async(req)
-
-        def done(fut):
-            try:
-                ok = bool(fut.result().success)
-            except Exception as exc:  # pragma: no cover - depends on Servo
-                self.get_logger().error(f"switch_command_type failed: {exc}")
-                return
-            if ok:
-                self.get_logger().info(f"Servo command type -> {name}")
-            else:
-                self.get_logger().error(f"Servo refused command type {name}")
-
-        future.add_done_callback(done)
-
-    # ======================================================================== callbacks: cache only
-    def _on_image(self, msg: Image) -> None:
-        now_ns = self.get_clock().now().nanoseconds
-        with self._lock:
-            self._image_msg, self._image_rx = msg, now_ns * 1e-9
-        stamp_ns = _stamp_ns(msg.header.stamp)
-        if stamp_ns > 0:
-            self.image_delay_ms.add((now_ns - stamp_ns) * 1e-6)
+    def _on_image(self, msg) -> None:
+        now, stamp = self._now(), stamp_ns(msg.header.stamp) * 1e-9
+        if stamp > 0:
+            self.runner.image_delay_ms.add((now - stamp) * 1e3)
+        reason = self.obs.offer_image(msg, stamp, now)
+        if reason is not None:
+            self.get_logger().error(f"image refused: {reason}", throttle_duration_sec=1.0)
 
     def _on_joints(self, msg: JointState) -> None:
-        now = _now_s(self)
-        with self._lock:
-            for name, pos in zip(msg.name, msg.position):
-                self._joints[name] = (pos, now)
-            self._joints_rx = now
+        self.obs.set_joints(msg.name, msg.position, self._now())
 
     def _on_ee_pose(self, msg: PoseStamped) -> None:
-        now = _now_s(self)
-        with self._lock:
-            self._ee_pose, self._ee_rx = msg, now
+        frame_ok = not msg.header.frame_id or msg.header.frame_id.lstrip("/") == self.p.command_frame.lstrip("/")
+        po, q = msg.pose.position, msg.pose.orientation
+        self.obs.set_ee_pose(np.array([po.x, po.y, po.z]), np.array([q.x, q.y, q.z, q.w]), self._now(), frame_ok)
 
     def _on_estop(self, msg: Bool) -> None:
-        if self._safety.set_estop(bool(msg.data)):
+        safety = self.runner.safety
+        if self.p.estop_lost_action == "stop" and safety.set_estop_link(True):  # a message = a live publisher
+            self.get_logger().info("e-stop publisher live")
+        if safety.set_estop(bool(msg.data)):
             if msg.data:
+                self._stop_motion("estop")
                 self.get_logger().error("E-STOP latched: no commands until false arrives")
             else:
                 self.get_logger().info("e-stop released")
 
+    def _on_estop_matched(self, info) -> None:
+        self._estop_matched = int(info.current_count)
+        if self._estop_matched == 0:
+            self._estop_lost("no e-stop publisher matched")
+
+    def _on_estop_liveliness(self, info) -> None:
+        if int(info.alive_count) == 0:
+            self._estop_lost("the e-stop publisher lost liveliness")
+
+    def _estop_lost(self, why: str) -> None:
+        if self.p.estop_lost_action == "stop" and self.runner.safety.set_estop_link(False):
+            self._stop_motion("estop_lost")
+            self.get_logger().error(f"{why}: stopped until an e-stop publisher sends its state")
+
     def _on_instruction(self, msg: String) -> None:
-        with self._lock:
-            changed = msg.data != self._instruction
-            self._instruction = msg.data
-        if changed:
+        old = self.obs.instruction
+        ok, why = self.obs.set_instruction(msg.data)
+        if not ok:
+            self.get_logger().error(f"instruction refused: {why}", throttle_duration_sec=1.0)
+        elif msg.data != old:
             self.get_logger().info(f"instruction: {msg.data!r}")
+
+    def _match_image_qos(self) -> None:
+        want = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}.get(
+            self.p.image_reliability)
+        if want is None:  # auto
+            want = reliability_for(i.qos_profile.reliability for i in self.get_publishers_info_by_topic(
+                self._image_topic)) or self.image_reliability or ReliabilityPolicy.BEST_EFFORT
+        if want == self.image_reliability:
+            return
+        if self._image_sub is not None:
+            self.destroy_subscription(self._image_sub)
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=want)
+        self._image_sub = self.create_subscription(self._image_type, self._image_topic, self._on_image, qos)
+        self.image_reliability = want
+        self.get_logger().info(f"{self._image_topic}: {want.name} subscription")
 
     # ======================================================================== services
     def _srv_enable(self, req: SetBool.Request, resp: SetBool.Response):
-        self._enabled = bool(req.data)
+        self.runner.enabled = bool(req.data)
+        if req.data:
+            self.backend.activate()
+        else:
+            self._stop_motion("disabled")
         resp.success = True
-        resp.message = ("enabled" if self._enabled else "disabled") + (
-            " (e-stop latched: no commands until released)" if self._safety.estop_active else "")
+        resp.message = ("enabled" if req.data else "disabled") + (
+            " (e-stop latched: no commands until released)" if self.runner.safety.estop_active else "")
         self.get_logger().info(f"~/enable: {resp.message}")
         return resp
 
     def _srv_explore(self, req: SetBool.Request, resp: SetBool.Response):
-        self._explore = bool(req.data)
-        resp.success = True
-        resp.message = "sampling actions" if self._explore else "mean actions"
-        self.get_logger().info(f"~/explore: {resp.message}")
+        result = self.set_parameters([Parameter("explore", value=bool(req.data))])[0]
+        resp.success, resp.message = result.successful, ("sampling actions" if req.data else "mean actions")
         return resp
 
     def _srv_reload(self, req: Trigger.Request, resp: Trigger.Response):
-        """Loads in a worker thread; this callback (own group) waits for it, control ticks go on."""
-        if not self._reload_lock.acquire(blocking=False):
-            resp.success, resp.message = False, "a reload is already running"
-            return resp
-        try:
-            result: dict = {}
-
-            def work():
-                try:
-                    result["policy"], result["ckpt"] = self._load(self._checkpoint_arg)
-                except Exception as exc:
-                    result["error"] = f"{type(exc).__name__}: {exc}"
-
-            t = threading.Thread(target=work, name="policy_reload", daemon=True)
-            t.start()
-            t.join()
-            if "error" in result:
-                self.counters["reloads_failed"] += 1
-                resp.success = False
-                resp.message = f"kept {self._checkpoint_path}: {result['error']}"
-                self.get_logger().error(f"~/reload failed, {resp.message}")
-                return resp
-            new, ckpt = result["policy"], result["ckpt"]
-            with self._model_lock:  # between ticks
-                old = self._checkpoint_path
-                self._policy, self._checkpoint_path = new, ckpt
-                self._input_size = self._model_input_size(new)
-                self._safety.set_action_spec(new.action_spec)
-                self._decoded_for = None
-            self.counters["reloads_ok"] += 1
-            resp.success = True
-            resp.message = f"loaded {ckpt} (was {old})"
-            self.get_logger().info(f"~/reload: {resp.message}")
-            return resp
-        finally:
-            self._reload_lock.release()
+        resp.success, resp.message = self.reloader.request()
+        self.get_logger().info(f"~/reload: {resp.message}")
+        return resp
 
     # ======================================================================== control loop
-    # rclpy fixes a log call site's severity and throttle state: every reason logs from its own line.
+    def _stop_motion(self, reason: str) -> None:
+        self._moving = False
+        self.backend.stop(reason)
 
-    def _ee_state(self, now: float):
-        """(position (3,), quaternion xyzw (4,), receive/stamp time) or (None, None, None)."""
-        if self._tf_buffer is not None:
-            try:
-                tf = self._tf_buffer.lookup_transform(self.p.command_frame, self.p.ee_link, Time())
-            except Exception:
-                return None, None, None
-            t, q = tf.transform.translation, tf.transform.rotation
-            stamp = _stamp_ns(tf.header.stamp) * 1e-9
-            return np.array([t.x, t.y, t.z]), np.array([q.x, q.y, q.z, q.w]), stamp
-        with self._lock:
-            msg, rx = self._ee_pose, self._ee_rx
-        if msg is None:
-            return None, None, None
-        if msg.header.frame_id and msg.header.frame_id.lstrip("/") != self.p.command_frame.lstrip("/"):
-            self.counters["ee_frame_mismatch"] += 1
-            self.get_logger().error(
-                f"EE pose is in {msg.header.frame_id!r}, commands in {self.p.command_frame!r}: publish the "
-                "pose in command_frame (or set ee_link to use TF); no command", throttle_duration_sec=1.0)
-            return None, None, None
-        po, q = msg.pose.position, msg.pose.orientation
-        return np.array([po.x, po.y, po.z]), np.array([q.x, q.y, q.z, q.w]), rx
+    def _ee_from_tf(self) -> None:
+        try:
+            from rclpy.time import Time  # noqa: PLC0415
 
-    def _tick(self) -> None:
-        if not self._enabled:
+            tf = self._tf_buffer.lookup_transform(self.p.command_frame, self.p.ee_link, Time())
+        except Exception:  # noqa: BLE001 - not yet available: the precheck counts it
             return
-        now = _now_s(self)
-        with self._model_lock:
-            policy = self._policy
-            joint_names = policy.joint_names
-            with self._lock:
-                image_msg, image_rx = self._image_msg, self._image_rx
-                present = [self._joints[n] for n in joint_names if n in self._joints]
-                missing = [n for n in joint_names if n not in self._joints]
-                joints_rx = min((rx for _, rx in present), default=self._joints_rx)
-                instruction = self._instruction
-            ee_pos, ee_quat, ee_time = self._ee_state(now)
-            pre = self._safety.precheck(now, image_rx, joints_rx, ee_time)
-            if not pre.ok:
-                if pre.reason != Reason.ESTOP:
-                    self.get_logger().warning(f"no command: {pre.reason}", throttle_duration_sec=2.0)
-                return
-            if self.p.motion_backend != "servo_twist" and (
-                    ee_time is None or now - ee_time > self._safety.config.ee_pose_timeout_s):
-                self.counters["ee_pose_unknown"] += 1
-                self.get_logger().warning(f"{self.p.motion_backend} needs a fresh EE pose; no command",
-                                          throttle_duration_sec=1.0)
-                return
-            if missing:
-                self.counters["missing_joints"] += 1
-                self.get_logger().error(f"joint_states lacks {missing} (policy joints {joint_names}); "
-                                        "no command", throttle_duration_sec=1.0)
-                return
-            state = np.array([pos for pos, _ in present], dtype=np.float32)
-            if not np.all(np.isfinite(state)):
-                self.counters["missing_joints"] += 1
-                self.get_logger().error("non-finite joint positions; no command", throttle_duration_sec=1.0)
-                return
-            img_ns = _stamp_ns(image_msg.header.stamp)
-            if img_ns > 0:
-                self.image_age_ms.add(now * 1e3 - img_ns * 1e-6)
-            image = self._decode(image_msg)
-            if image is None:
-                return
-            t0 = time.perf_counter()
+        t, q = tf.transform.translation, tf.transform.rotation
+        self.obs.set_ee_pose(np.array([t.x, t.y, t.z]), np.array([q.x, q.y, q.z, q.w]),
+                             stamp_ns(tf.header.stamp) * 1e-9)
+
+    def _control_loop(self) -> None:
+        log, pacer, runner = self.get_logger(), self._pacer, self.runner
+        while not self._stop.is_set():
+            got_frame = self.obs.wait_frame(pacer.timeout(time.monotonic()))
+            if self._stop.is_set() or not pacer.ready(time.monotonic(), got_frame):
+                continue
             try:
-                res = policy.act(image, state, instruction, deterministic=not self._explore)
-            except Exception as exc:
-                self.counters["inference_errors"] += 1
-                self.get_logger().error(f"policy.act failed: {type(exc).__name__}: {exc}",
-                                        throttle_duration_sec=1.0)
-                return
-            self.inference_ms.add((time.perf_counter() - t0) * 1e3)
-            action = np.asarray(res.action, dtype=np.float32).reshape(-1)
-            out = self._safety.apply(action, ee_pos)
-            if not out.ok:
-                self.get_logger().warning(f"action dropped: {out.reason} ({action.tolist()})",
-                                          throttle_duration_sec=1.0)
-                return
-            if out.modified:
-                self.get_logger().info(f"action limited: {out.modified}", throttle_duration_sec=2.0)
-            if not self._publish_command(out.delta, ee_pos, ee_quat):
-                return
-            pub_time = self.get_clock().now()
-            self._publish_action(image_msg, policy.action_spec, action, res.log_prob, res.value)
-        self.counters["commands_sent"] += 1
-        self._cmd_rate.tick(pub_time.nanoseconds * 1e-9)
-        if img_ns > 0:
-            self.latency_ms.add((pub_time.nanoseconds - img_ns) * 1e-6)
+                if self._tf_buffer is not None:
+                    self._ee_from_tf()
+                with runner.lock:
+                    out = runner.step(self.obs.snapshot(), self._now())
+                    if out.command is not None:
+                        self._send(out.command)
+                    elif self._moving and out.reason != "disabled":
+                        self._stop_motion(out.reason)
+                if out.command is None and out.reason not in ("disabled", "estop", "estop_lost"):
+                    log.warning(f"no command: {out.detail or out.reason}", throttle_duration_sec=2.0)
+            except Exception as exc:  # noqa: BLE001 - the loop must outlive any single failure
+                log.error(f"control step failed: {type(exc).__name__}: {exc}", throttle_duration_sec=1.0)
+            pacer.done(time.monotonic())
 
-    def _decode(self, msg: Image):
-        """Resized RGB for msg (decoded once per message) or None after a counted rejection."""
-        if msg is not self._decoded_for:
-            try:
-                img = self._decoder(msg)
-                self._decoded = resize_rgb(img, self._input_size)
-            except ImageDecodeError as exc:
-                self._decoded = exc
-                self.counters["rejected_images"] += 1
-            except Exception as exc:  # anything else a malformed message triggers
-                self._decoded = ImageDecodeError(f"{type(exc).__name__}: {exc}")
-                self.counters["rejected_images"] += 1
-            self._decoded_for = msg
-        if isinstance(self._decoded, Exception):
-            self.get_logger().error(f"image rejected ({msg.encoding} {msg.width}x{msg.height} step {msg.step}, "
-                                    f"{len(msg.data)} bytes): {self._decoded}; no command",
-                                    throttle_duration_sec=1.0)
-            return None
-        return self._decoded
-
-    def _publish_command(self, delta, ee_pos, ee_quat) -> bool:
-        """Twist / pose target / MoveItPy step + gripper, stamped with the node clock."""
-        p = self.p
-        stamp = self.get_clock().now().to_msg()
-        if p.motion_backend == "servo_twist":
-            lin, ang = twist_from_delta(delta, p.control_rate_hz)
-            msg = TwistStamped()
-            msg.header.stamp, msg.header.frame_id = stamp, p.command_frame
-            msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z = (float(v) for v in lin)
-            msg.twist.angular.x, msg.twist.angular.y, msg.twist.angular.z = (float(v) for v in ang)
-            self._twist_pub.publish(msg)
-        else:
-            pos, quat = pose_after_delta(ee_pos, ee_quat, delta)
-            msg = PoseStamped()
-            msg.header.stamp, msg.header.frame_id = stamp, p.command_frame
-            msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = (float(v) for v in pos)
-            (msg.pose.orientation.x, msg.pose.orientation.y, msg.pose.orientation.z,
-             msg.pose.orientation.w) = (float(v) for v in quat)
-            if p.motion_backend == "servo_pose":
-                self._pose_pub.publish(msg)
-            else:
-                self._moveit_step(msg)
-        if delta.gripper is not None:
-            self._gripper_pub.publish(Float64(data=float(delta.gripper)))
-        return True
-
-    def _moveit_step(self, target: PoseStamped) -> None:  # pragma: no cover - needs MoveIt
-        arm = self._moveit_arm
-        arm.set_start_state_to_current_state()
-        arm.set_goal_state(pose_stamped_msg=target, pose_link=self.p.moveit_pose_link or self.p.ee_link)
-        plan = arm.plan()
-        if plan:
-            self._moveit.execute(plan.trajectory, controllers=[])
-        else:
-            self.counters["moveit_plan_failed"] += 1
-            self.get_logger().warning("MoveItPy could not plan the step", throttle_duration_sec=1.0)
-
-    def _publish_action(self, image_msg: Image, spec, action, log_prob, value) -> None:
+    def _send(self, cmd) -> None:
+        if not self.backend.send(cmd.delta, cmd.ee_pos, cmd.ee_quat):
+            return
+        self._moving = True
+        if self.runner.safety.estop_active or not self.runner.safety.estop_link_ok:
+            self._stop_motion("estop")  # latched while this step ran: the stop comes last
+            return
         msg = JointState()
-        msg.header.stamp = image_msg.header.stamp
-        msg.header.frame_id = self.p.command_frame
-        msg.name = list(spec.names) + ["log_prob", "value"]
-        msg.position = [float(v) for v in action] + [float(log_prob), float(value)]
+        msg.header.stamp, msg.header.frame_id = cmd.image_msg.header.stamp, self.p.command_frame
+        msg.name, msg.position = pack_action(self.runner.policy.action_spec.names, cmd.action, cmd.log_prob,
+                                             cmd.value)
         self._action_pub.publish(msg)
+        self.runner.sent(cmd, self._now())
+        if cmd.modified:
+            self.get_logger().info(f"action limited: {cmd.modified}", throttle_duration_sec=2.0)
 
     # ======================================================================== diagnostics
     def stats(self) -> dict:
         """Everything /diagnostics reports, as a dict (also handy in tests and benchmarks)."""
-        s = self._safety.snapshot()
-        rej = s["rejections"]
-        lat, inf = self.latency_ms.summary(), self.inference_ms.summary()
-        return {
-            "enabled": self._enabled, "explore": self._explore, "estop": s["estop"],
-            "checkpoint": str(self._checkpoint_path), "motion_backend": self.p.motion_backend,
-            "image_decoder": self._decoder.name, "instruction": self._instruction,
-            "latency_ms_mean": lat["mean"], "latency_ms_p95": lat["p95"],
-            "inference_ms_mean": inf["mean"], "inference_ms_p95": inf["p95"],
-            "image_delay_ms_mean": self.image_delay_ms.summary()["mean"],
-            "image_age_at_tick_ms_mean": self.image_age_ms.summary()["mean"],
-            "command_rate_hz": self._cmd_rate.rate(_now_s(self)),
-            "commands_sent": self.counters["commands_sent"],
-            "rejected_images": self.counters["rejected_images"],
-            "dropped_nan_actions": rej[Reason.NAN_ACTION],
-            "stale_skips": sum(rej[r] for r in Reason.STALE),
-            "estop_skips": rej[Reason.ESTOP],
-            **{f"reject_{k}": v for k, v in rej.items()},
-            **{f"limit_{k}": v for k, v in s["modifications"].items()},
-            **{k: v for k, v in self.counters.items() if k not in ("commands_sent", "rejected_images")},
-        }
+        return {**self.runner.stats(self._now()), **self.backend.stats(), **dict(self.obs.counters),
+                **dict(self.reloader.counters), "reload_last_result": self.reloader.last_result,
+                "reload_running": self.reloader.running, "instruction": self.obs.instruction,
+                "image_decoder": self.runner.decoder.name, "image_reliability": getattr(
+                    self.image_reliability, "name", ""), "last_image_refusal": self.obs.last_rejection,
+                "max_image_pixels": self.obs.limits.max_pixels, "max_image_bytes": self.obs.limits.max_bytes,
+                "max_instruction_bytes": self.obs.max_instruction_bytes}
 
     def _publish_diagnostics(self) -> None:
         st = self.stats()
-        status = DiagnosticStatus()
-        status.name = f"{self.get_fully_qualified_name()}: policy"
-        status.hardware_id = st["checkpoint"]
-        if st["estop"]:
-            status.level, status.message = DiagnosticStatus.WARN, "e-stop latched"
+        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: policy", hardware_id=st["checkpoint"])
+        if st["estop"] or not st["estop_link_ok"]:
+            status.level, status.message = DiagnosticStatus.WARN, "e-stop latched" if st["estop"] else "e-stop lost"
         elif not st["enabled"]:
             status.level, status.message = DiagnosticStatus.WARN, "disabled (call ~/enable)"
         else:
             status.level, status.message = DiagnosticStatus.OK, f"running at {st['command_rate_hz']:.1f} Hz"
-
-        def fmt(v):
-            if isinstance(v, float):
-                return "nan" if math.isnan(v) else f"{v:.3f}"
-            return str(v)
-
-        status.values = [KeyValue(key=k, value=fmt(v)) for k, v in st.items()]
-        arr = DiagnosticArray()
+        status.values = [KeyValue(key=k, value=("nan" if isinstance(v, float) and math.isnan(v) else
+                                                f"{v:.3f}" if isinstance(v, float) else str(v)))
+                         for k, v in st.items()]
+        arr = DiagnosticArray(status=[status])
         arr.header.stamp = self.get_clock().now().to_msg()
-        arr.status = [status]
         self._diag_pub.publish(arr)
+
+    def destroy_node(self):
+        self._stop.set()
+        self.obs.wake()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+        self.backend.close()
+        return super().destroy_node()
+
+
+def _checkpoint_location(arg: str) -> Path:
+    path = Path(arg).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    from ire_vla_ros.paths import share_dir
+
+    return share_dir() / path
+
+
+def _metadata_instruction(ckpt: Path) -> str:
+    try:
+        return str(json.loads((Path(ckpt) / "metadata.json").read_text()).get("instruction", "") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def main(args=None) -> int:
-    return run_node(PolicyNode, args, description=DESCRIPTION, params=PARAMS, num_threads=4)
+    return run_node(PolicyNode, args, description=DESCRIPTION, params=PARAMS)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,10 @@ Everything the policy node publishes goes through `SafetyFilter` first:
 
 1. `precheck(now, ...)` before inference - no command when
    - the e-stop is latched (`set_estop(True)` latches until `set_estop(False)`),
-   - the newest image or joint state is missing or older than `stale_timeout_s`
-     (receive times on the node clock),
+   - the e-stop link is required and lost (`set_estop_link(False)`: no live e-stop publisher),
+   - the newest image or joint state is missing or older than `stale_timeout_s` by receive time
+     (node clock), or the image's header stamp is more than `stale_timeout_s` away from now: a frame
+     delivered late by a starved executor or a slow link is stale however recently it arrived,
    - the workspace box is enabled and the EE pose is unknown or older than `ee_pose_timeout_s`.
 2. `apply(action, ee_position)` after inference -
    - NaN/inf anywhere in the action: dropped (no command),
@@ -32,6 +34,7 @@ class Reason:
     """Rejection reasons (counter keys)."""
 
     ESTOP = "estop"
+    ESTOP_LOST = "estop_lost"
     NO_IMAGE = "no_image"
     STALE_IMAGE = "stale_image"
     NO_JOINTS = "no_joints"
@@ -42,7 +45,7 @@ class Reason:
     BAD_ACTION_SHAPE = "bad_action_shape"
 
     STALE = (NO_IMAGE, STALE_IMAGE, NO_JOINTS, STALE_JOINTS, NO_EE_POSE, STALE_EE_POSE)
-    ALL = (ESTOP,) + STALE + (NAN_ACTION, BAD_ACTION_SHAPE)
+    ALL = (ESTOP, ESTOP_LOST) + STALE + (NAN_ACTION, BAD_ACTION_SHAPE)
 
 
 # modification counter keys
@@ -137,6 +140,7 @@ class SafetyFilter:
         self._box_hi = np.asarray(config.workspace_max, np.float64)
         self._lock = threading.Lock()
         self._estop = False
+        self._estop_link_ok = True
         self.rejections: Counter = Counter({r: 0 for r in Reason.ALL})
         self.modifications: Counter = Counter({m: 0 for m in MODIFICATIONS})
 
@@ -151,6 +155,24 @@ class SafetyFilter:
     @property
     def estop_active(self) -> bool:
         return self._estop
+
+    def set_estop_link(self, ok: bool) -> bool:
+        """Whether a live e-stop publisher is there (when one is required). Returns True on change."""
+        with self._lock:
+            changed = self._estop_link_ok != bool(ok)
+            self._estop_link_ok = bool(ok)
+            return changed
+
+    @property
+    def estop_link_ok(self) -> bool:
+        return self._estop_link_ok
+
+    def set_config(self, config: SafetyConfig) -> None:
+        """New limits (validated by SafetyConfig); the next precheck / apply uses them."""
+        with self._lock:
+            self._box_lo = np.asarray(config.workspace_min, np.float64)
+            self._box_hi = np.asarray(config.workspace_max, np.float64)
+            self.config = config
 
     def set_action_spec(self, action_spec) -> None:
         """Switch spec (after a checkpoint reload)."""
@@ -170,15 +192,23 @@ class SafetyFilter:
         image_time: float | None,
         joints_time: float | None,
         ee_pose_time: float | None = None,
+        image_stamp: float | None = None,
     ) -> SafetyResult:
-        """Input freshness and e-stop, before running the policy. Times in seconds (node clock)."""
+        """Input freshness and e-stop, before running the policy. Times in seconds (node clock).
+
+        `image_time` is when the image arrived, `image_stamp` its header stamp (None: not checked;
+        an unset stamp, 0, is stale)."""
         c = self.config
         if self._estop:
             return self._reject(Reason.ESTOP)
+        if not self._estop_link_ok:
+            return self._reject(Reason.ESTOP_LOST)
         if image_time is None:
             return self._reject(Reason.NO_IMAGE)
         if now - image_time > c.stale_timeout_s:
             return self._reject(Reason.STALE_IMAGE)
+        if image_stamp is not None and abs(now - image_stamp) > c.stale_timeout_s:
+            return self._reject(Reason.STALE_IMAGE)  # old stamp, or a clock far ahead of ours
         if joints_time is None:
             return self._reject(Reason.NO_JOINTS)
         if now - joints_time > c.stale_timeout_s:
@@ -203,6 +233,9 @@ class SafetyFilter:
             return self._reject(Reason.NAN_ACTION)
         if self._estop:  # may have latched during inference
             return self._reject(Reason.ESTOP)
+        if not self._estop_link_ok:
+            return self._reject(Reason.ESTOP_LOST)
+        box_lo, box_hi = self._box_lo, self._box_hi
         modified = []
         clipped = np.clip(a, self._lo, self._hi)
         if np.any(clipped != a):
@@ -216,7 +249,7 @@ class SafetyFilter:
             if not np.all(np.isfinite(p)):
                 return self._reject(Reason.NO_EE_POSE)
             target = p + delta.translation_m
-            boxed = np.clip(target, self._box_lo, self._box_hi)
+            boxed = np.clip(target, box_lo, box_hi)
             if np.any(boxed != target):
                 modified.append(WORKSPACE_CLIPPED)
                 delta.translation_m = boxed - p
@@ -236,4 +269,4 @@ class SafetyFilter:
     def snapshot(self) -> dict:
         """Counters for diagnostics."""
         return {"rejections": dict(self.rejections), "modifications": dict(self.modifications),
-                "estop": self._estop}
+                "estop": self._estop, "estop_link_ok": self._estop_link_ok}
