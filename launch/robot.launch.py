@@ -10,7 +10,9 @@ For keyboard demonstrations use teleop.launch.py. Same nodes, YAML and overrides
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
+from launch.conditions import IfCondition
+from launch.substitutions import (LaunchConfiguration, NotEqualsSubstitution, PathJoinSubstitution,
+                                  PythonExpression)
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
@@ -46,8 +48,12 @@ def generate_launch_description():
         # FASTRTPS_ name; FASTDDS_ is the 3.x name. dds_profile:='' keeps the environment's own.
         DeclareLaunchArgument("dds_profile", default_value=config("fastdds_shm.xml"),
                               description="Fast DDS XML profile for every node ('' = leave unset)"),
-        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile")),
-        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile")),
+        # Set only for a non-empty value: SetEnvironmentVariable would write '' and erase the
+        # environment's own profile (launch/actions/set_environment_variable.py assigns the value as is).
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile"),
+                               condition=IfCondition(NotEqualsSubstitution(LaunchConfiguration("dds_profile"), ""))),
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile"),
+                               condition=IfCondition(NotEqualsSubstitution(LaunchConfiguration("dds_profile"), ""))),
         DeclareLaunchArgument("checkpoint", default_value="models/metaworld_tiny",
                               description="policy checkpoint dir or root with `latest` (default: "
                                           "config/policy_node.yaml's); point it at checkpoints_dir so "

@@ -12,7 +12,8 @@ to train; the policy reloads the new checkpoint when checkpoint == checkpoints_d
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
-from launch.substitutions import LaunchConfiguration, PathJoinSubstitution, PythonExpression
+from launch.substitutions import (LaunchConfiguration, NotEqualsSubstitution, PathJoinSubstitution,
+                                  PythonExpression)
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
@@ -48,8 +49,12 @@ def generate_launch_description():
         # FASTRTPS_ name; FASTDDS_ is the 3.x name. dds_profile:='' keeps the environment's own.
         DeclareLaunchArgument("dds_profile", default_value=config("fastdds_shm.xml"),
                               description="Fast DDS XML profile for every node ('' = leave unset)"),
-        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile")),
-        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile")),
+        # Set only for a non-empty value: SetEnvironmentVariable would write '' and erase the
+        # environment's own profile (launch/actions/set_environment_variable.py assigns the value as is).
+        SetEnvironmentVariable("FASTRTPS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile"),
+                               condition=IfCondition(NotEqualsSubstitution(LaunchConfiguration("dds_profile"), ""))),
+        SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", LaunchConfiguration("dds_profile"),
+                               condition=IfCondition(NotEqualsSubstitution(LaunchConfiguration("dds_profile"), ""))),
         DeclareLaunchArgument("task", default_value="button-press-topdown-v3", description="Metaworld v3 task"),
         DeclareLaunchArgument("checkpoint", default_value="models/metaworld_tiny",
                               description="policy checkpoint dir or root with `latest` (default: "

@@ -142,6 +142,36 @@ def test_launch_file_is_consistent(path):
     assert info.used <= info.declared, f"undeclared launch arguments {info.used - info.declared}"
 
 
+def _is_launch_config(node, name: str) -> bool:
+    return (isinstance(node, ast.Call) and _call_name(node) == "LaunchConfiguration" and node.args
+            and isinstance(node.args[0], ast.Constant) and node.args[0].value == name)
+
+
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_environment_from_a_launch_argument_is_set_only_when_non_empty(path):
+    """dds_profile:='' keeps the environment's own profile: SetEnvironmentVariable writes its value as
+    is (launch/actions/set_environment_variable.py), so an empty value would erase the variable. Every
+    SetEnvironmentVariable fed by a launch argument must carry
+    condition=IfCondition(NotEqualsSubstitution(LaunchConfiguration(<that argument>), ""))."""
+    info = LaunchInfo(path)
+    for call in (c for c in info.calls if _call_name(c) == "SetEnvironmentVariable"):
+        value = call.args[1] if len(call.args) > 1 else _kw(call, "value")
+        args = [n.args[0].value for n in ast.walk(value)
+                if isinstance(n, ast.Call) and _call_name(n) == "LaunchConfiguration"]
+        if not args:
+            continue
+        cond = _kw(call, "condition")
+        assert isinstance(cond, ast.Call) and _call_name(cond) == "IfCondition", \
+            f"{path.name}: {ast.unparse(call)[:80]} has no IfCondition"
+        test = cond.args[0]
+        assert _call_name(test) == "NotEqualsSubstitution" and _is_launch_config(test.args[0], args[0]) \
+            and isinstance(test.args[1], ast.Constant) and test.args[1].value == "", \
+            f"{path.name}: the condition must test LaunchConfiguration({args[0]!r}) != ''"
+    names = {c.args[0].value for c in info.calls if _call_name(c) == "SetEnvironmentVariable"}
+    if path.name in ("robot.launch.py", "sim.launch.py"):  # the profile reaches every node they start
+        assert {"FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE"} <= names
+
+
 def test_configs_declare_only_known_params_with_right_types():
     for node in ("recorder_node", "reward_node", "trainer_node", "sim_node", "teleop_node", "policy_node"):
         data = yaml.safe_load((ROOT / "config" / f"{node}.yaml").read_text())
@@ -283,8 +313,10 @@ def test_bringup_sim_records_expert_episode_and_stops_on_ctrl_c(ros_domain_id, t
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # sim_node/reset and reward_node may come up a bit later
             fut = client.call_async(Trigger.Request())
-            while not fut.done():
+            call_deadline = time.monotonic() + 60  # a server that accepts and never answers must fail here
+            while not fut.done() and time.monotonic() < call_deadline:
                 time.sleep(0.02)
+            assert fut.done(), "/recorder_node/start_episode did not answer within 60 s"
             if fut.result().success:
                 break
             time.sleep(0.5)

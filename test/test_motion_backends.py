@@ -410,7 +410,8 @@ def test_servo_stop_pauses_and_the_sim_arm_holds_still(ros):
 
         # someone else keeps publishing fresh twists: a paused Servo does not move
         other = ros.probe.create_publisher(TwistStamped, "/servo_node/delta_twist_cmds", COMMAND_QOS)
-        time.sleep(0.5)  # let the hand settle from the last commanded step
+        t0 = sim.ticks
+        wait_for(lambda: sim.ticks >= t0 + 10, 60, "the hand settling from the last step")
         held, ticks0 = _ee(poses), sim.ticks
         end = time.monotonic() + 1.5
         while time.monotonic() < end:
