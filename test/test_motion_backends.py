@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -179,17 +180,23 @@ def test_load_moveit_config_errors_and_formats(tmp_path):
                        "    robot_description_semantic: '<robot/>'\n    planning_pipelines: [ompl]\n")
     cfg = mb.load_moveit_config(str(wrapped))
     assert cfg["planning_pipelines"] == ["ompl"] and cfg["robot_description"] == "<robot/>"
+    # the shipped MoveItPy section is merged under the robot's file: scaled-down plan requests
+    assert cfg["plan_request_params"]["max_velocity_scaling_factor"] == 0.1
 
     class Builder:  # moveit_configs_utils.MoveItConfigsBuilder's call chain
         def __init__(self, robot_name, package_name):
             self.args = (robot_name, package_name)
+
+        def moveit_cpp(self, file_path):
+            self.args += (Path(file_path).name,)
+            return self
 
         def to_moveit_configs(self):
             return SimpleNamespace(to_dict=lambda: {"robot_description": "u", "robot_description_semantic": "s",
                                                     "built_from": self.args})
 
     assert mb.load_moveit_config(package="panda_moveit_config", builder_factory=Builder)["built_from"] == (
-        "panda", "panda_moveit_config")
+        "panda", "panda_moveit_config", "moveit_py.yaml")  # our MoveItPy section (scaled-down plans)
     try:
         import moveit_configs_utils  # noqa: F401
     except ImportError:

@@ -84,6 +84,8 @@ PARAMS = {
     "moveit_config_package": P("", "moveit_py: the robot's MoveIt config package, loaded with "
                                "moveit_configs_utils.MoveItConfigsBuilder when moveit_config_file is ''",
                                read_only=True),
+    "moveit_cpp_file": P("", "moveit_py: MoveItPy's own section (planning scene monitor, pipelines, "
+                         "plan_request_params); '' = the package's config/moveit_py.yaml", read_only=True),
     "moveit_robot_name": P("", "moveit_py: robot name for MoveItConfigsBuilder ('' = derived from the package)",
                            read_only=True),
     "moveit_plan_request_ns": P("plan_request_params", "moveit_py: parameter namespace of "
@@ -368,30 +370,44 @@ class NewestTargetWorker:
         self._thread.join(timeout)
 
 
+def _read_params_yaml(path_str: str, what: str) -> dict:
+    """A YAML mapping of parameters, flat or a ROS parameter file (`<node or /**>: ros__parameters:`)."""
+    import yaml
+
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise NodeStartupError(f"{what} {path_str!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise NodeStartupError(f"{what} {path_str!r} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise NodeStartupError(f"{what} {path_str!r} must hold a mapping of parameters")
+    if len(data) == 1:
+        (inner,) = data.values()
+        if isinstance(inner, dict) and isinstance(inner.get("ros__parameters"), dict):
+            data = inner["ros__parameters"]
+    return data
+
+
+def default_moveit_cpp_file() -> str:
+    from ire_vla_ros.paths import share_dir
+
+    return str(share_dir() / "config" / "moveit_py.yaml")
+
+
 def load_moveit_config(config_file: str = "", package: str = "", robot_name: str = "",
-                       builder_factory: Callable | None = None) -> dict:
-    """MoveItPy's config_dict from a YAML file or a MoveIt config package. NodeStartupError if neither works.
+                       moveit_cpp_file: str = "", builder_factory: Callable | None = None) -> dict:
+    """MoveItPy's config_dict. NodeStartupError (one line) if it cannot be built.
 
-    A YAML file may be flat or a ROS parameter file (`<node or /**>: ros__parameters: {...}`).
+    `moveit_cpp_file` (default config/moveit_py.yaml) holds MoveItPy's own section (planning scene
+    monitor, pipelines, plan_request_params); the robot comes from `config_file` (a YAML of all
+    parameters, merged over it) or from the MoveIt config `package` (MoveItConfigsBuilder).
     """
+    moveit_cpp_file = moveit_cpp_file or default_moveit_cpp_file()
     if config_file:
-        import yaml
-
-        path = Path(config_file).expanduser()
-        if not path.is_file():
-            raise NodeStartupError(f"moveit_config_file {config_file!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
-            raise NodeStartupError(f"moveit_config_file {config_file!r} is not valid YAML: "
-                                   f"{str(exc).splitlines()[0]}") from exc
-        if not isinstance(data, dict):
-            raise NodeStartupError(f"moveit_config_file {config_file!r} must hold a mapping of parameters")
-        if len(data) == 1:
-            (inner,) = data.values()
-            if isinstance(inner, dict) and isinstance(inner.get("ros__parameters"), dict):
-                data = inner["ros__parameters"]
-        config = data
+        config = {**_read_params_yaml(moveit_cpp_file, "moveit_cpp_file"),
+                  **_read_params_yaml(config_file, "moveit_config_file")}
     elif package:
         if builder_factory is None:
             try:
@@ -403,9 +419,8 @@ def load_moveit_config(config_file: str = "", package: str = "", robot_name: str
             builder_factory = MoveItConfigsBuilder
         try:
             kwargs = {"package_name": package}
-            builder = builder_factory(robot_name, **kwargs) if robot_name else builder_factory(
-                package.removesuffix("_moveit_config"), **kwargs)
-            config = builder.to_moveit_configs().to_dict()
+            builder = builder_factory(robot_name or package.removesuffix("_moveit_config"), **kwargs)
+            config = builder.moveit_cpp(file_path=moveit_cpp_file).to_moveit_configs().to_dict()
         except Exception as exc:  # noqa: BLE001 - anything the builder throws is a config problem
             raise NodeStartupError(f"cannot load MoveIt config package {package!r}: "
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
@@ -688,7 +703,8 @@ class MoveItPyBackend(_GripperMixin, MotionBackend):  # the MoveIt calls need mo
             raise NodeStartupError("motion_backend 'moveit_py' needs moveit_pose_link (or ee_link)")
         if moveit_py is None:
             MoveItPy, PlanRequestParameters = _import_moveit_py()
-            config = load_moveit_config(p.moveit_config_file, p.moveit_config_package, p.moveit_robot_name)
+            config = load_moveit_config(p.moveit_config_file, p.moveit_config_package, p.moveit_robot_name,
+                                        p.moveit_cpp_file)
             try:  # pragma: no cover - needs MoveIt
                 self._moveit = MoveItPy(node_name=f"{node.get_name()}_moveit_py", config_dict=config)
                 self._arm = self._moveit.get_planning_component(p.moveit_planning_group)
