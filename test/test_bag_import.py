@@ -54,7 +54,8 @@ def _joints_at(t_ns: int) -> np.ndarray:
 def write_demo_bag(path: Path, actions: np.ndarray, *, storage: str = "mcap", t0: float = 100.0,
                    cam: str = "raw", encoding: str = "rgb8", joint_hz: float = 50.0, command: str = "twist",
                    success: bool | None = None, markers: list[int] | None = None, gaps_after: tuple = (),
-                   cmd_substeps: int = 1, bad_frame: int | None = None, topics_skip: tuple = ()) -> list[int]:
+                   cmd_substeps: int = 1, bad_frame: int | None = None, topics_skip: tuple = (),
+                   success_after: dict | None = None) -> list[int]:
     """A teleop demo as a robot would record it: camera at the control rate, joints at 50 Hz,
     the commands policy_node would publish for `actions`. Returns the image stamps (ns)."""
     stamps = []
@@ -98,6 +99,8 @@ def write_demo_bag(path: Path, actions: np.ndarray, *, storage: str = "mcap", t0
                 msgs.append(("/gripper/command", tc, w.float64(delta.gripper)))
         if success is not None:
             msgs.append(("/success", end, w.boolean(success)))
+        for step, value in (success_after or {}).items():  # a label published right after step `step`
+            msgs.append(("/success", stamps[step] + period // 2, w.boolean(value)))
         for m in markers or []:
             msgs.append(("/episode_marker", stamps[m] - 1, w.string(f"ep{m}")))
         for topic, tn, msg in sorted(msgs, key=lambda m: m[1]):
@@ -202,14 +205,15 @@ def test_compressed_and_bgr_images(tmp_path):
 def test_marker_and_gap_segmentation_with_success_labels(tmp_path):
     actions = _actions(15)
     bag = tmp_path / "multi"
-    write_demo_bag(bag, actions, markers=[5, 10], gaps_after=(5, 10), success=False)
+    write_demo_bag(bag, actions, markers=[5, 10], gaps_after=(5, 10), success=False, success_after={4: False})
     res = import_bag(bag, tmp_path / "m", _cfg(segment="marker", marker_topic="/episode_marker",
                                                 success_topic="/success"))
     eps = [read_episode(p) for p in res.episodes]
     assert [e.n_steps for e in eps] == [5, 5, 5]
     np.testing.assert_allclose(np.concatenate([e.actions for e in eps]), actions, atol=1e-5)
-    # only the last segment holds the success message (False); the others keep the default (True)
-    assert [e.success for e in eps] == [True, True, False]
+    # the first and last episodes hold a success message (False); the middle one keeps the default
+    assert [e.success for e in eps] == [False, True, False]
+    assert [e.rewards.sum() for e in eps] == [0.0, 1.0, 0.0]
     res = import_bag(bag, tmp_path / "g", _cfg(segment="gap", gap_s=1.0))
     assert [read_episode(p).n_steps for p in res.episodes] == [5, 5, 5]
 
@@ -259,14 +263,17 @@ def test_cli_unknown_encoding_aborts_the_whole_bag(tmp_path, capsys):
     assert _nothing_written(out)
 
 
-@pytest.mark.parametrize("storage", ["mcap", "sqlite3"])
-def test_cli_truncated_or_corrupt_bag(tmp_path, capsys, storage):
+@pytest.mark.parametrize("storage,damage", [("mcap", "cut"), ("mcap", "clobber"), ("sqlite3", "clobber")])
+def test_cli_truncated_or_corrupt_bag(tmp_path, capsys, storage, damage):
     bag = tmp_path / f"cut_{storage}"
     write_demo_bag(bag, _actions(30), storage=storage)
     f = _bag_file(bag)
-    data = f.read_bytes()
-    if storage == "mcap":
+    data = bytearray(f.read_bytes())
+    if damage == "cut":
         f.write_bytes(data[: len(data) // 2])  # a recording cut off mid-file (no summary, half a chunk)
+    elif storage == "mcap":  # 64 bytes overwritten inside the data section: summary intact, records not
+        data[len(data) // 2: len(data) // 2 + 64] = b"\xab" * 64
+        f.write_bytes(bytes(data))
     else:
         f.write_bytes(data[:100] + b"\xff" * (len(data) - 100))  # a clobbered database
     out = tmp_path / "out"

@@ -27,7 +27,7 @@ def _image(i: int, ep: int) -> np.ndarray:
     return img.clip(0, 255).astype(np.uint8)
 
 
-def _store(root: Path, n_eps: int = 2, steps: int = 9) -> list[Path]:
+def _store(root: Path, n_eps: int = 2, steps: int = 9, spacing_s: float = 50.0) -> list[Path]:
     rng = np.random.default_rng(0)
     paths = []
     for e in range(n_eps):
@@ -38,7 +38,7 @@ def _store(root: Path, n_eps: int = 2, steps: int = 9) -> list[Path]:
             for i in range(steps + e):
                 a = rng.uniform(-1, 1, EE_DELTA_7D.dim).astype(np.float32)
                 w.append(images={"main": _image(i, e)}, joint_positions=rng.normal(size=3).astype(np.float32),
-                         action=a, reward=float(i == steps + e - 1), timestamp=1000.0 + 50 * e + 0.1 * i,
+                         action=a, reward=float(i == steps + e - 1), timestamp=1000.0 + spacing_s * e + 0.1 * i,
                          **({"log_prob": -1.5 + i, "value": 0.25 * i} if policy else {}))
             paths.append(w.finalize(success=e == 0))
     return paths
@@ -84,7 +84,7 @@ def test_mcap_per_episode_reads_back_with_rosbags(tmp_path):
 
 
 def test_mcap_selection_file_splits_back_with_import_bag(tmp_path):
-    paths = _store(tmp_path / "store", n_eps=3)
+    paths = _store(tmp_path / "store", n_eps=3, spacing_s=0.0)  # overlapping times: the export lays them apart
     rc = cli_main(["episodes", "export", str(tmp_path / "store"), "--format", "mcap", "--out", str(tmp_path / "x"),
                    "--single", "all.mcap"])
     assert rc == 0
@@ -94,6 +94,7 @@ def test_mcap_selection_file_splits_back_with_import_bag(tmp_path):
     res = import_bag(tmp_path / "x" / "all.mcap", tmp_path / "back", cfg)
     back = sorted((read_episode(p) for p in res.episodes), key=lambda e: e.timestamps[0])
     orig = [read_episode(p) for p in paths]
+    assert all(b.timestamps[0] - a.timestamps[-1] >= 1.0 for a, b in zip(back, back[1:]))
     assert [e.n_steps for e in back] == [e.n_steps for e in orig]
     for b, o in zip(back, orig):
         np.testing.assert_allclose(b.actions, o.actions, atol=1e-5)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ire_vla_ros.cli import main
+from ire_vla_ros.cli import build_parser, main
 from ire_vla_ros.training import tb
 from ire_vla_ros.vla.checkpoint import resolve_checkpoint
 
@@ -74,13 +74,22 @@ def test_eval_scalars_and_one_run_per_process(tmp_path):
     assert [e.value for e in b.Scalars("ppo/entropy")] == [1.0]
 
 
+def _ppo_algo() -> list[str]:
+    """`--algo ppo` where `train rl` offers a choice of Stage 1 algorithm (SAC is the default there)."""
+    try:
+        build_parser().parse_args(["train", "rl", "--init", "x", "--checkpoints", "y", "--algo", "ppo"])
+    except SystemExit:
+        return []
+    return ["--algo", "ppo"]
+
+
 def test_ppo_stage_writes_policy_and_value_scalars(tmp_path):
     ep, ck, tbdir = tmp_path / "ep", tmp_path / "ck", tmp_path / "tb"
     task = ["--tasks", "reach-v3"]
     assert main(["collect", "--out", str(ep), "--episodes", "1", *task, *TINY]) == 0
     assert main(["train", "sft", "--episodes", str(ep), "--checkpoints", str(ck), *TINY]) == 0
     assert main(["train", "rl", "--init", str(ck), "--checkpoints", str(ck), *task, "--tensorboard", str(tbdir),
-                 *TINY]) == 0
+                 *_ppo_algo(), *TINY]) == 0
     (acc,) = _runs(tbdir)
     tags = set(acc.Tags()["scalars"])
     assert {"ppo/pg_loss", "ppo/v_loss", "ppo/entropy", "ppo/approx_kl", "ppo/value_mean", "ppo/return_mean",

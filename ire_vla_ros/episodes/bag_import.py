@@ -700,6 +700,11 @@ _FLAG_FIELDS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Import rosbag2 recordings (directories, .mcap or .db3; MCAP or sqlite3 storage) as teleop "
+                     "episodes: commands inverted to actions and resampled to the control rate, paired with the "
+                     "newest frame and joint state at or before each step. Settings: config/bag_import.yaml "
+                     "(--config) and the flags below (flags win). A failing bag prints one line "
+                     "'BAG: topic T: reason' and leaves nothing behind; exit 2 if any bag failed.")
     p.add_argument("bags", nargs="+", type=Path, help="rosbag2 directories or .mcap/.db3 files")
     p.add_argument("--out", type=Path, required=True, help="episode store root")
     p.add_argument("--config", type=Path, help="YAML topic mapping and settings (see config/bag_import.yaml)")
