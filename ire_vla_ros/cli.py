@@ -2,7 +2,7 @@
 
   ire-vla collect        record scripted-expert demonstrations in Metaworld (tagged teleop)
   ire-vla train sft      Stage 0/2 SFT on recorded episodes
-  ire-vla train rl       Stage 1 (SACfD or PPO) in Metaworld with the VLM frozen
+  ire-vla train rl       Stage 1 PPO in Metaworld with the VLM frozen
   ire-vla train offline  the next iRe-VLA stage(s) on episodes recorded on the robot (trainer node)
   ire-vla iterate        Stage 0, then (Stage 1, Stage 2) x K in Metaworld, with evaluation
   ire-vla demo           `iterate` with config/demo.yaml, then a results table
