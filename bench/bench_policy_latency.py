@@ -1,18 +1,27 @@
 #!/usr/bin/env python3
-"""Policy latency: the running policy_node (image stamp -> command publish) vs bare `policy.act`.
+"""Policy node at robot rates: commands/s, image-stamp -> command latency vs bare work, reload gap.
 
-Starts policy_node as its own process (servo_twist backend, enabled through ~/enable), feeds it
-camera images (default 640x480 rgb8 at 30 Hz, best effort), joint states and the EE pose from this
-process, and reads the node's own latency / inference statistics from /diagnostics. The same
-checkpoint is loaded here and `policy.act` is timed on the same input (the node's decoded and
-resized image), with the same torch thread count. Both go side by side, with their ratio, to
-bench/results/policy_latency.json.
+Runs what a robot runs, one process per node: `fake_robot_node` (camera 640x480 rgb8 at 30 Hz best
+effort, /joint_states at 500 Hz, /ee_pose at 100 Hz) and `policy_node` (config/policy_node.yaml,
+servo_twist backend, enabled through ~/enable). This process listens where Servo and the recorder
+would and reads the node's own statistics from /diagnostics. Per configuration (control trigger
+frame/timer x camera raw/jpeg x camera process with/without config/fastdds_shm.xml):
 
-Node latency = command publish time - image header stamp (node clock), so it includes the image's
-age when the control tick picks it up (up to one camera period), the transport, decode + resize,
-inference and publishing.
+* commands/s (twists received here) and the ratio to control_rate_hz (target >= 0.95);
+* image-stamp -> command publish p50 / p95 (the node's own figure, its last <= 200 commands) and the
+  ratio of p50 to the bare work p50 (target <= 1.5); bare = decode (+ jpeg decode) + resize +
+  policy.act + publish of a TwistStamped, timed in this process on the same frame and checkpoint
+  before and after the nodes run (same torch thread count);
+* the longest gap between commands while `~/reload` loads the checkpoint again `--reloads` times,
+  in control periods (target <= 2);
+* node CPU and os.getloadavg() (2 shared cores: other jobs inflate the node figures).
 
-    python bench/bench_policy_latency.py [--checkpoint DIR] [--seconds 20] [--no-shm]
+The policy node always loads the SHM profile (the launch files ship it); `noshm` configurations leave
+it out of the camera process only, as a stock camera driver would; `noshm_reliable` also publishes
+the camera RELIABLE (a stock driver's default QoS), which the node's subscription then matches.
+
+    python bench/bench_policy_latency.py                       # all configurations, 20 s each
+    python bench/bench_policy_latency.py --seconds 8 --configs frame:raw:shm --reloads 2   # smoke
 """
 from __future__ import annotations
 
@@ -29,19 +38,23 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-JOINTS = ["right_j0", "right_j1", "right_j2", "right_j3", "right_j4", "right_j5", "right_j6", "r_close", "l_close"]
+SHM_PROFILE = REPO / "config" / "fastdds_shm.xml"
+PROFILE_VARS = ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")
+DEFAULT_CONFIGS = ("frame:raw:shm,timer:raw:shm,frame:raw:noshm,frame:raw:noshm_reliable,frame:jpeg:noshm,"
+                   "timer:jpeg:noshm")
 
 
-def _percentiles(values):
+def _pct(values) -> dict | None:
     import numpy as np
 
+    if not len(values):
+        return None
     a = np.asarray(values, dtype=np.float64)
     return {"n": int(a.size), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)),
             "p95": float(np.percentile(a, 95)), "max": float(a.max())}
 
 
 def _proc_cpu_s(pid: int) -> float:
-    """user + system CPU seconds of a process (Linux /proc)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -49,233 +62,285 @@ def _proc_cpu_s(pid: int) -> float:
         return float("nan")
 
 
-def bare_act(checkpoint: Path, image, joints, instruction: str, n: int, threads: int) -> dict:
+def _env(shm: bool) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
+    for var in PROFILE_VARS:
+        env.pop(var, None)
+        if shm:
+            env[var] = str(SHM_PROFILE)
+    return env
+
+
+def bare_work(checkpoint: Path, compressed: str, n: int, threads: int, node) -> dict:
+    """decode (+ jpeg decode) + resize + act + publish, on the fake robot's first frame."""
     import numpy as np
     import torch
+    from geometry_msgs.msg import TwistStamped
 
-    from ire_vla_ros.robot.image_codec import decode_image, encode_rgb, resize_rgb
+    from ire_vla_ros.nodes.fake_robot_node import compress_frame, render_frame
+    from ire_vla_ros.robot.image_codec import decode_compressed, decode_image, resize_rgb
     from ire_vla_ros.vla.checkpoint import load_checkpoint
 
     if threads > 0:
         torch.set_num_threads(threads)
-    policy = load_checkpoint(checkpoint, device="cpu")
-    policy.eval()
+    policy = load_checkpoint(checkpoint, device="cpu").eval()
     size = getattr(policy.backbone, "image_size", None)
-    f = encode_rgb(image, "rgb8")
-    state = np.asarray(joints, np.float32)[: len(policy.joint_names)]
-    small = resize_rgb(image, size)
+    img = render_frame(0, 480, 640, 3)
+    data = compress_frame(img, compressed) if compressed != "none" else np.ascontiguousarray(img).tobytes()
+    state = np.zeros(len(policy.joint_names), np.float32)
+    pub = node.create_publisher(TwistStamped, "/bench_bare_twist", 1)
+
+    def once():
+        if compressed != "none":
+            rgb = decode_compressed(compressed, data)
+        else:
+            rgb = decode_image("rgb8", 480, 640, 640 * 3, data)
+        res = policy.act(resize_rgb(rgb, size), state, "push the puck to the goal", deterministic=True)
+        msg = TwistStamped()
+        msg.header.stamp = node.get_clock().now().to_msg()
+        msg.twist.linear.x = float(res.action[0])
+        pub.publish(msg)
+
     for _ in range(5):
-        policy.act(small, state, instruction, deterministic=True)
-    act_ms, pre_ms = [], []
+        once()
+    ms = []
     for _ in range(n):
         t0 = time.perf_counter()
-        img = resize_rgb(decode_image(f["encoding"], f["height"], f["width"], f["step"], f["data"]), size)
-        t1 = time.perf_counter()
-        policy.act(img, state, instruction, deterministic=True)
-        t2 = time.perf_counter()
-        pre_ms.append((t1 - t0) * 1e3)
-        act_ms.append((t2 - t1) * 1e3)
-    return {"act_ms": _percentiles(act_ms), "decode_resize_ms": _percentiles(pre_ms),
-            "model_input": size, "device": "cpu", "torch_threads": torch.get_num_threads()}
+        once()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    node.destroy_publisher(pub)
+    return _pct(ms)
+
+
+def run_config(args, ckpt: Path, trigger: str, compressed: str, transport: str, node, listen) -> dict:
+    from std_srvs.srv import SetBool, Trigger
+
+    shm, reliable = transport == "shm", transport.endswith("_reliable")
+
+    fake_cmd = [sys.executable, "-m", "ire_vla_ros.nodes.fake_robot_node", "--ros-args",
+                "-p", f"camera_hz:={args.camera_rate}", "-p", f"joint_hz:={args.joint_rate}",
+                "-p", "ee_pose_hz:=100.0", "-p", f"compressed:={compressed}",
+                "-p", f"reliable_camera:={'true' if reliable else 'false'}"]
+    policy_cmd = [sys.executable, "-m", "ire_vla_ros.nodes.policy_node", "--ros-args",
+                  "--params-file", str(REPO / "config" / "policy_node.yaml"),
+                  "-p", f"checkpoint:={ckpt}", "-p", f"control_rate_hz:={args.control_rate}",
+                  "-p", f"control_trigger:={trigger}", "-p", f"torch_num_threads:={args.torch_threads}",
+                  "-p", "device:=cpu", "-p", "default_instruction:=push the puck to the goal",
+                  "-p", "servo_switch_service:=''", "-p", "servo_pause_service:=''",
+                  "-p", f"image_transport:={'raw' if compressed == 'none' else 'compressed'}"]
+    procs, logs = [], {}
+    for name, cmd, env in (("fake_robot", fake_cmd, _env(shm)), ("policy_node", policy_cmd, _env(True))):
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        logs[name] = []
+        threading.Thread(target=lambda p=p, buf=logs[name]: buf.extend(p.stdout), daemon=True).start()
+        procs.append(p)
+    policy_proc = procs[1]
+    try:
+        cli = node.create_client(SetBool, "/policy_node/enable")
+        if not cli.wait_for_service(timeout_sec=120.0):
+            raise RuntimeError("policy_node did not come up:\n" + "".join(logs["policy_node"][-20:]))
+        fut = cli.call_async(SetBool.Request(data=True))
+        deadline = time.monotonic() + 30
+        while not fut.done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        deadline = time.monotonic() + 60
+        while not listen.twists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not listen.twists():
+            raise RuntimeError("no command from policy_node:\n" + "".join(logs["policy_node"][-20:]))
+        time.sleep(2.0)  # settle
+        listen.reset()
+        t0, cpu0 = time.monotonic(), _proc_cpu_s(policy_proc.pid)
+        time.sleep(args.seconds)
+        t1 = time.monotonic()
+        cpu_pct = 100.0 * (_proc_cpu_s(policy_proc.pid) - cpu0) / (t1 - t0)
+        twists = [t for t in listen.twists() if t0 <= t <= t1]
+        action_lat = listen.action_latency_ms()
+        time.sleep(1.5)  # one more /diagnostics
+        diag = listen.diag()
+
+        # reloads: gaps between commands while the checkpoint loads again
+        reload_gaps = []
+        if args.reloads:
+            rcli = node.create_client(Trigger, "/policy_node/reload")
+            rcli.wait_for_service(timeout_sec=30.0)
+            for _ in range(args.reloads):
+                ok0 = int(listen.diag().get("reloads_ok", "0"))
+                listen.reset()
+                ts = time.monotonic()
+                f = rcli.call_async(Trigger.Request())
+                while not f.done() and time.monotonic() - ts < 30:
+                    time.sleep(0.01)
+                answer_ms = (time.monotonic() - ts) * 1e3
+                while int(listen.diag().get("reloads_ok", "0")) <= ok0 and time.monotonic() - ts < 120:
+                    time.sleep(0.05)
+                time.sleep(1.5)  # the swap happens at the next step; keep counting past it
+                tw = listen.twists()
+                gaps = [b - a for a, b in zip(tw, tw[1:])]
+                reload_gaps.append({"answer_ms": answer_ms, "max_gap_ms": 1e3 * max(gaps) if gaps else None,
+                                    "commands": len(tw)})
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGINT)
+        for p in reversed(procs):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    f = lambda k: float(diag.get(k, "nan"))  # noqa: E731
+    rate = (len(twists) - 1) / (twists[-1] - twists[0]) if len(twists) > 1 else 0.0
+    gaps = [b - a for a, b in zip(twists, twists[1:])]
+    period_ms = 1e3 / args.control_rate
+    worst_reload = max((g["max_gap_ms"] or 0.0) for g in reload_gaps) if reload_gaps else None
+    return {
+        "control_trigger": trigger, "camera": f"{args.width}x{args.height} rgb8 @ {args.camera_rate} Hz "
+        f"{'raw' if compressed == 'none' else compressed}, {'reliable' if reliable else 'best effort'}",
+        "camera_process_shm_profile": shm, "camera_codec": compressed,
+        "commands_per_s": rate, "ratio_commands_to_control_rate": rate / args.control_rate,
+        "command_interval_ms": _pct([1e3 * g for g in gaps]),
+        "latency_image_stamp_to_command_ms": {"p50": f("latency_ms_p50"), "p95": f("latency_ms_p95"),
+                                              "mean": f("latency_ms_mean")},
+        "image_stamp_to_action_receipt_here_ms": _pct(action_lat),
+        "inference_ms_mean": f("inference_ms_mean"), "decode_ms_mean": f("decode_ms_mean"),
+        "image_stamp_to_node_receive_ms_mean": f("image_delay_ms_mean"),
+        "image_age_at_step_ms_mean": f("image_age_at_tick_ms_mean"),
+        "frames_received": diag.get("frames"), "stale_skips": diag.get("stale_skips"),
+        "image_reliability": diag.get("image_reliability"), "node_cpu_percent": cpu_pct,
+        "reloads": reload_gaps,
+        "reload_longest_gap_in_control_periods": worst_reload / period_ms if worst_reload else None,
+        "loadavg_at_end": os.getloadavg(),
+    }
+
+
+class Listener:
+    def __init__(self, node):
+        from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import TwistStamped
+        from sensor_msgs.msg import JointState
+
+        self.node, self._lock = node, threading.Lock()
+        self._twists, self._lat, self._diag = [], [], {}
+        node.create_subscription(TwistStamped, "/servo_node/delta_twist_cmds", self._on_twist, 10)
+        node.create_subscription(JointState, "/policy_node/action", self._on_action, 10)
+        node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
+
+    def _on_twist(self, msg):
+        if any((msg.twist.linear.x, msg.twist.linear.y, msg.twist.linear.z)):  # zero twists are stops
+            with self._lock:
+                self._twists.append(time.monotonic())
+
+    def _on_action(self, msg):
+        now = self.node.get_clock().now().nanoseconds
+        with self._lock:
+            self._lat.append((now - (msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec)) * 1e-6)
+
+    def _on_diag(self, msg):
+        for st in msg.status:
+            if st.name.endswith("policy_node: policy"):
+                with self._lock:
+                    self._diag = {kv.key: kv.value for kv in st.values}
+
+    def reset(self):
+        with self._lock:
+            self._twists, self._lat = [], []
+
+    def twists(self):
+        with self._lock:
+            return list(self._twists)
+
+    def action_latency_ms(self):
+        with self._lock:
+            return list(self._lat)
+
+    def diag(self):
+        with self._lock:
+            return dict(self._diag)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None,
-                    help="checkpoint dir or root (default: models/metaworld_tiny if present, else a fresh "
-                         "tiny checkpoint in a temp dir)")
-    ap.add_argument("--seconds", type=float, default=20.0, help="measurement window after the first command")
+                    help="checkpoint dir or root (default: models/metaworld_tiny, else a fresh tiny checkpoint)")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS,
+                    help="comma list of trigger:camera:transport, trigger frame|timer, camera raw|jpeg|png, "
+                         "transport of the camera process shm | noshm (best effort, no SHM profile) | "
+                         f"noshm_reliable (a stock driver's reliable QoS, no SHM profile). Default {DEFAULT_CONFIGS}")
+    ap.add_argument("--seconds", type=float, default=20.0, help="measurement window per configuration")
+    ap.add_argument("--reloads", type=int, default=3, help="~/reload calls per configuration (gap measurement)")
     ap.add_argument("--control-rate", type=float, default=10.0)
     ap.add_argument("--camera-rate", type=float, default=30.0)
-    ap.add_argument("--width", type=int, default=640)
-    ap.add_argument("--height", type=int, default=480)
+    ap.add_argument("--joint-rate", type=float, default=500.0)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--bare-iters", type=int, default=200)
-    ap.add_argument("--no-shm", action="store_true", help="do not use config/fastdds_shm.xml")
     ap.add_argument("--domain-id", type=int, default=int(os.environ.get("ROS_DOMAIN_ID", "83")))
     ap.add_argument("--out", type=Path, default=HERE / "results" / "policy_latency.json")
     args = ap.parse_args(argv)
+    args.width, args.height = 640, 480
 
-    # DDS confined to this machine, own domain; same profile for this process and the node.
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     os.environ["ROS_DOMAIN_ID"] = str(args.domain_id)
-    for var in ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE"):
-        if args.no_shm:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = str(REPO / "config" / "fastdds_shm.xml")
+    for var in PROFILE_VARS:  # this process (the "Servo / recorder side") uses the profile like the node
+        os.environ[var] = str(SHM_PROFILE)
 
-    import numpy as np
     import rclpy
-    from diagnostic_msgs.msg import DiagnosticArray
-    from geometry_msgs.msg import PoseStamped, TwistStamped
     from rclpy.executors import SingleThreadedExecutor
-    from sensor_msgs.msg import Image, JointState
-    from std_srvs.srv import SetBool
-
-    from ire_vla_ros.nodes.ros_common import SENSOR_QOS
-    from ire_vla_ros.robot.image_codec import encode_rgb
 
     tmp = None
     ckpt = args.checkpoint
     if ckpt is None:
-        default = REPO / "models" / "metaworld_tiny"
-        if default.exists():
-            ckpt = default
-        else:
+        ckpt = REPO / "models" / "metaworld_tiny"
+        if not ckpt.exists():
             from ire_vla_ros.vla.testing import make_tiny_checkpoint
 
             tmp = tempfile.TemporaryDirectory(prefix="bench_ckpt_")
-            make_tiny_checkpoint(Path(tmp.name), joint_names=JOINTS)
+            make_tiny_checkpoint(Path(tmp.name))
             ckpt = Path(tmp.name)
-    from ire_vla_ros.vla.checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(ckpt)
-    image = np.random.default_rng(0).integers(0, 256, (args.height, args.width, 3), dtype=np.uint8)
-    instruction = "push the puck to the goal"
-
-    # bare policy.act before the node runs (and again after it stops): same input, same threads
-    bare_before = bare_act(ckpt, image, [0.0] * len(JOINTS), instruction, args.bare_iters, args.torch_threads)
-
-    env = {**os.environ, "PYTHONPATH": f"{REPO}:{os.environ.get('PYTHONPATH', '')}"}
-    node_cmd = [sys.executable, "-m", "ire_vla_ros.nodes.policy_node", "--ros-args",
-                "--params-file", str(REPO / "config" / "policy_node.yaml"),
-                "-p", f"checkpoint:={ckpt}", "-p", f"control_rate_hz:={args.control_rate}",
-                "-p", f"torch_num_threads:={args.torch_threads}", "-p", "device:=cpu",
-                "-p", f"default_instruction:={instruction}", "-p", "servo_switch_service:=''",
-                "-p", "diagnostics_period_s:=1.0"]
-    proc = subprocess.Popen(node_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    node_log: list[str] = []
-    threading.Thread(target=lambda: node_log.extend(proc.stdout), daemon=True).start()
 
     rclpy.init()
     node = rclpy.create_node("bench_policy_latency")
-    cam = node.create_publisher(Image, "/camera/image_raw", SENSOR_QOS)
-    js_pub = node.create_publisher(JointState, "/joint_states", 10)
-    ee_pub = node.create_publisher(PoseStamped, "/ee_pose", 10)
-    fields = encode_rgb(image, "rgb8")
-    img_msg = Image(**fields)
-    img_msg.header.frame_id = "camera"
-    lock = threading.Lock()
-    diag: dict = {}
-    twist_times: list[float] = []
-    action_lat_ms: list[float] = []
-
-    def on_diag(msg: DiagnosticArray):
-        for st in msg.status:
-            if st.name.endswith("policy_node: policy"):
-                with lock:
-                    diag.clear()
-                    diag.update({kv.key: kv.value for kv in st.values})
-
-    def on_action(msg: JointState):
-        now = node.get_clock().now().nanoseconds
-        with lock:
-            action_lat_ms.append((now - (msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec)) * 1e-6)
-
-    node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
-    node.create_subscription(TwistStamped, "/servo_node/delta_twist_cmds",
-                             lambda m: twist_times.append(time.monotonic()), 10)
-    node.create_subscription(JointState, "/policy_node/action", on_action, 10)
-
-    def publish_camera():
-        img_msg.header.stamp = node.get_clock().now().to_msg()
-        cam.publish(img_msg)
-
-    def publish_state():
-        stamp = node.get_clock().now().to_msg()
-        js = JointState(name=JOINTS, position=[0.0] * len(JOINTS))
-        js.header.stamp = stamp
-        js_pub.publish(js)
-        ps = PoseStamped()
-        ps.header.stamp, ps.header.frame_id = stamp, "base_link"
-        ps.pose.position.z, ps.pose.orientation.w = 0.3, 1.0
-        ee_pub.publish(ps)
-
-    node.create_timer(1.0 / args.camera_rate, publish_camera)
-    node.create_timer(0.02, publish_state)
+    listen = Listener(node)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    spin = threading.Thread(target=executor.spin, daemon=True)
-    spin.start()
-    result: dict = {}
+    threading.Thread(target=executor.spin, daemon=True).start()
+    results, bare = [], {}
+    load_start = os.getloadavg()
     try:
-        cli = node.create_client(SetBool, "/policy_node/enable")
-        if not cli.wait_for_service(timeout_sec=120.0):
-            raise RuntimeError("policy_node did not come up:\n" + "".join(node_log[-20:]))
-        fut = cli.call_async(SetBool.Request(data=True))
-        t_end = time.monotonic() + 30
-        while not fut.done() and time.monotonic() < t_end:
-            time.sleep(0.05)
-        t_end = time.monotonic() + 60
-        while not twist_times and time.monotonic() < t_end:
-            time.sleep(0.05)
-        if not twist_times:
-            raise RuntimeError("no command from policy_node:\n" + "".join(node_log[-20:]))
-        # let the node's rolling window (200 samples) fill with steady-state ticks only
-        with lock:
-            action_lat_ms.clear()
-        t0 = time.monotonic()
-        n0 = len(twist_times)
-        cpu0 = _proc_cpu_s(proc.pid)
-        time.sleep(args.seconds)
-        n1 = len(twist_times)
-        node_cpu_pct = 100.0 * (_proc_cpu_s(proc.pid) - cpu0) / (time.monotonic() - t0)
-        time.sleep(1.5)  # one more diagnostics message
-        with lock:
-            d = dict(diag)
-            lat = list(action_lat_ms)
-        cmd_hz = (n1 - n0) / (time.monotonic() - 1.5 - t0)
+        for spec in args.configs.split(","):
+            trigger, camera, transport = spec.strip().split(":")
+            compressed = "none" if camera == "raw" else camera
+            if compressed not in bare:
+                bare[compressed] = {"before": bare_work(ckpt, compressed, args.bare_iters, args.torch_threads, node)}
+            r = run_config(args, ckpt, trigger, compressed, transport, node, listen)
+            results.append(r)
+            print(json.dumps({k: r[k] for k in ("control_trigger", "camera", "camera_process_shm_profile",
+                                                 "commands_per_s", "latency_image_stamp_to_command_ms",
+                                                 "reload_longest_gap_in_control_periods")}), flush=True)
+        for compressed in bare:
+            bare[compressed]["after"] = bare_work(ckpt, compressed, args.bare_iters, args.torch_threads, node)
     finally:
         executor.shutdown(timeout_sec=2.0)
         node.destroy_node()
         rclpy.try_shutdown()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-    bare_after = bare_act(ckpt, image, [0.0] * len(JOINTS), instruction, args.bare_iters, args.torch_threads)
-    bare = {
-        "act_ms": {"mean": (bare_before["act_ms"]["mean"] + bare_after["act_ms"]["mean"]) / 2,
-                   "p95": max(bare_before["act_ms"]["p95"], bare_after["act_ms"]["p95"])},
-        "decode_resize_ms": {"mean": (bare_before["decode_resize_ms"]["mean"]
-                                      + bare_after["decode_resize_ms"]["mean"]) / 2},
-        "before_node": bare_before, "after_node": bare_after,
-    }
-    f = lambda k: float(d.get(k, "nan"))  # noqa: E731
-    node_lat_mean, node_inf_mean = f("latency_ms_mean"), f("inference_ms_mean")
-    result = {
-        "checkpoint": str(ckpt),
-        "camera": f"{args.width}x{args.height} rgb8 @ {args.camera_rate} Hz, best effort",
-        "transport": "default" if args.no_shm else "config/fastdds_shm.xml",
-        "control_rate_hz": args.control_rate, "seconds": args.seconds, "cpu_count": os.cpu_count(),
-        "loadavg_at_end": os.getloadavg(),
-        "note_load": "2 shared CPU cores; other jobs running during the measurement inflate the node numbers "
-                     "(the bare timing runs alone before/after); see loadavg_at_end",
-        "node": {
-            "latency_image_stamp_to_command_ms": {"mean": node_lat_mean, "p95": f("latency_ms_p95")},
-            "inference_ms": {"mean": node_inf_mean, "p95": f("inference_ms_p95")},
-            "image_stamp_to_node_receive_ms_mean": f("image_delay_ms_mean"),
-            "image_age_at_tick_ms_mean": f("image_age_at_tick_ms_mean"),
-            "commands_per_s": cmd_hz,
-            "node_process_cpu_percent": node_cpu_pct,
-            "image_stamp_to_action_receipt_ms (this process)": _percentiles(lat) if lat else None,
-            "rejected_images": d.get("rejected_images"), "stale_skips": d.get("stale_skips"),
-            "image_decoder": d.get("image_decoder"),
-        },
-        "bare_policy_act": bare,
-        "ratio_node_latency_to_bare_act": node_lat_mean / bare["act_ms"]["mean"],
-        "ratio_node_latency_to_bare_decode_resize_act":
-            node_lat_mean / (bare["act_ms"]["mean"] + bare["decode_resize_ms"]["mean"]),
-        "ratio_node_inference_to_bare_act": node_inf_mean / bare["act_ms"]["mean"],
-        "note": "node latency includes the image's age at the control tick (uniform in [0, 1/camera_rate]), "
-                "DDS transport, decode+resize, inference, publish",
+    for r in results:
+        b = bare[r["camera_codec"]]
+        bare_p50 = (b["before"]["p50"] + b["after"]["p50"]) / 2
+        r["bare_decode_resize_act_publish_ms_p50"] = bare_p50
+        r["ratio_latency_p50_to_bare_p50"] = r["latency_image_stamp_to_command_ms"]["p50"] / bare_p50
+    out = {
+        "what": "policy_node + fake_robot_node as separate processes; see bench/bench_policy_latency.py",
+        "checkpoint": str(ckpt), "control_rate_hz": args.control_rate, "camera_hz": args.camera_rate,
+        "joint_states_hz": args.joint_rate, "seconds_per_config": args.seconds, "cpu_count": os.cpu_count(),
+        "torch_threads": args.torch_threads, "loadavg_at_start": load_start, "loadavg_at_end": os.getloadavg(),
+        "targets": {"ratio_commands_to_control_rate": ">= 0.95", "ratio_latency_p50_to_bare_p50": "<= 1.5",
+                    "reload_longest_gap_in_control_periods": "<= 2"},
+        "bare_decode_resize_act_publish_ms": bare,
+        "configs": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(out, indent=2))
+    os.replace(tmp_out, args.out)
+    print(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
     if tmp is not None:
         tmp.cleanup()
