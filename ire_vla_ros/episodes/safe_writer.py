@@ -7,10 +7,11 @@ recorder node would have died with it. Here every h5py handle lives in a child p
 
 * before each episode and each step the child checks free space (`min_free_mb` plus twice the
   step's raw size: HDF5 keeps up to one unwritten image chunk in its cache) and aborts the episode
-  cleanly while there is still room (the partial file is removed, the child stays up);
-* an OSError while writing anyway (EIO, a quota, another process filling the disk) makes the child
-  report the error, remove the partial file and exit at once with os._exit, before h5py can free
-  the broken handle; the parent starts a fresh child for the next episode;
+  while there is still room;
+* that abort, and an OSError while writing anyway (EIO, a quota, another process filling the
+  disk), make the child report the error, remove the partial file and exit at once with os._exit,
+  before h5py can free a broken handle (a failed close is not always raised by h5py); the parent
+  starts a fresh child for the next episode (about half a second);
 * a child that dies for any other reason (a segfault) is noticed by the parent (closed pipe), the
   episode is reported failed and the partial file removed.
 
@@ -103,6 +104,7 @@ class WriterProcess:
                 return
             if self._proc is not None:
                 self._reap()
+            if self.last_exit:
                 self.restarts += 1
             parent_sock, child_sock = socket.socketpair()
             try:
@@ -211,6 +213,18 @@ class WriterProcess:
         how = f"episode writer process ended ({self.last_exit or 'pipe closed'})"
         return f"{fault}; {how}" if fault else how
 
+    def retire(self, timeout: float = 5.0) -> None:
+        """Reap a child that is exiting after a fault (killed after `timeout`) and start a fresh
+        one, so the next episode does not wait for the start-up."""
+        with self._lock:
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                self._reap()
+        self.ensure_started()
+
     def kill(self) -> None:
         with self._lock:
             if self._proc is not None and self._proc.poll() is None:
@@ -273,6 +287,7 @@ class ProcessEpisodeWriter:
     def _fail(self, message: str) -> None:
         self._state = "failed"
         self._fault = message
+        self._proc.retire()  # the child exits after a fault: wait for it, the next open starts afresh
         try:  # the child has removed it already, unless it died before it could
             self.partial_path.unlink()
         except OSError:
@@ -342,14 +357,13 @@ class ProcessEpisodeWriter:
 # =============================================================================================
 def _child_main(fd: int) -> int:
     from ire_vla_ros.diskspace import MB, DiskSpaceError, free_bytes, require_free_space
-    from ire_vla_ros.episodes.store import EpisodeWriter, ValidStep
+    from ire_vla_ros.episodes.store import EpisodeError, EpisodeWriter, ValidStep
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which closes us
     conn = Connection(fd)
     writer: EpisodeWriter | None = None
     root: Path | None = None
     min_free_mb = 0.0
-    fault = ""
     write_s = 0.0
     free_seen = 0     # free bytes at the last measurement
     unflushed = 0     # raw bytes appended since (HDF5 caches them: the file does not grow yet)
@@ -379,7 +393,7 @@ def _child_main(fd: int) -> int:
         if op == "open":
             if writer is not None:
                 writer.abort()
-            writer, fault, write_s = None, "", 0.0
+            writer, write_s = None, 0.0
             root = Path(msg["root"])
             min_free_mb = float(msg["min_free_mb"])
             try:
@@ -423,34 +437,28 @@ def _child_main(fd: int) -> int:
                 writer.append_valid(step)
                 unflushed += int(msg["nbytes"])
             except DiskSpaceError as exc:
-                try:
-                    writer.abort()  # there is still room to close the file cleanly
-                except OSError as exc2:
-                    die(f"{exc}; closing failed: {exc2}")
-                writer, fault = None, f"{exc} (episode aborted after {writer.n_steps} steps)"
-                _send(conn, {"op": "fault", "message": fault})
-            except OSError as exc:
-                die(f"write failed: {exc}")
-            except Exception as exc:  # validated by the parent: not expected
-                writer.abort()
-                writer, fault = None, f"step not written: {type(exc).__name__}: {exc}"
-                _send(conn, {"op": "fault", "message": fault})
+                # Checked before writing, so the file is still sound; but closing it on a nearly
+                # full disk can fail, and h5py hides a failed close until it segfaults later: the
+                # child ends after every fault, the next episode gets a fresh one.
+                die(f"{exc} (episode aborted after {writer.n_steps} steps)")
+            except Exception as exc:  # OSError from h5py (ENOSPC, EIO), or anything else it raises
+                die(f"write failed: {type(exc).__name__}: {exc}")
             write_s += time.perf_counter() - t0
         elif op == "finalize":
             if writer is None:
-                _send(conn, {"op": "error", "kind": "io", "message": fault or "no episode is open"})
+                _send(conn, {"op": "error", "kind": "io", "message": "no episode is open"})
                 continue
             w, writer = writer, None
             t0 = time.perf_counter()
             try:
                 path = w.finalize(msg["success"], metadata=msg["metadata"] or None)
-            except OSError as exc:
-                writer = w
-                die(f"finalize failed: {exc}")
-            except Exception as exc:  # zero steps (EpisodeError) or bad metadata: nothing kept
+            except (EpisodeError, ValueError) as exc:  # zero steps or bad metadata: nothing kept
                 w.abort()
                 _send(conn, {"op": "error", "kind": "empty", "message": str(exc)})
                 continue
+            except Exception as exc:  # OSError from h5py (ENOSPC, EIO), or anything else it raises
+                writer = w
+                die(f"finalize failed: {type(exc).__name__}: {exc}")
             write_s += time.perf_counter() - t0
             _send(conn, {"op": "saved", "path": str(path), "write_s": write_s, "steps": w.n_steps})
         elif op == "abort":

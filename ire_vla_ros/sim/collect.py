@@ -5,6 +5,11 @@ action actually executed (expert + Gaussian noise, clipped to [-1, 1]), the dens
 followed and the simulated time. The episode's `success` attr is set either way; with
 `only_successful=True` failed episodes are discarded and further seeds are tried.
 
+Episodes are written by a child process (episodes/safe_writer.py): when the disk fills, the
+episode in progress is aborted with a clear error (`CollectError`) and every finished episode stays
+intact, instead of h5py taking the process down with SIGSEGV. Free space (`min_free_mb`) is
+checked before each episode and each step.
+
 CLI: `python -m ire_vla_ros.sim.collect --task button-press-topdown-v3 -n 20 --out data/demos`
 No ROS imports.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +26,16 @@ from ire_vla_ros.sim.experts import noise_rng, noisy_expert_action
 from ire_vla_ros.sim.metaworld_env import DEFAULT_CAMERA, HELDOUT_SEED_OFFSET, MetaworldTaskEnv
 
 _log = logging.getLogger(__name__)
+
+DEFAULT_MIN_FREE_MB = 50.0
+
+
+class CollectError(RuntimeError):
+    """Collection stopped (disk full, I/O error); `paths` holds the episodes finished before."""
+
+    def __init__(self, message: str, paths: list[Path]):
+        super().__init__(message)
+        self.paths = paths
 
 
 def collect_expert_episodes(
@@ -39,15 +55,18 @@ def collect_expert_episodes(
     iteration: int = 0,
     camera_name: str = "main",
     action_repeat: int = 1,
+    min_free_mb: float = DEFAULT_MIN_FREE_MB,
 ) -> list[Path]:
     """Roll out the scripted expert on seeds seed0, seed0+1, ... and write one episode per rollout.
 
     Returns the paths of the written episodes (n_episodes of them, or fewer if `only_successful`
     and `max_attempts` (default 2*n_episodes+10) rollouts did not give enough successes).
+    Raises CollectError (with the finished episodes' paths) when the disk fills or fails.
     """
     from tqdm.auto import tqdm
 
-    from ire_vla_ros.episodes.store import EpisodeWriter
+    from ire_vla_ros.diskspace import DiskSpaceError, require_free_space
+    from ire_vla_ros.episodes.safe_writer import EpisodeWriteError, WriterProcess
 
     if n_episodes < 0:
         raise ValueError("n_episodes must be >= 0")
@@ -63,6 +82,11 @@ def collect_expert_episodes(
 
     paths: list[Path] = []
     n_success = n_tried = 0
+    try:
+        require_free_space(out_root, min_free_mb, what="collecting")
+    except DiskSpaceError as exc:
+        raise CollectError(f"{task}: nothing collected: {exc}", paths) from None
+    writers = WriterProcess(min_free_mb=min_free_mb)
     env = MetaworldTaskEnv(task, image_size=image_size, camera=camera, max_episode_steps=max_episode_steps,
                            seed=seed0, render=True, action_repeat=action_repeat)
     dt = float(env.unwrapped.dt)
@@ -72,14 +96,17 @@ def collect_expert_episodes(
         while len(paths) < n_episodes and n_tried < max_attempts:
             obs = env.reset(seed)
             rng = noise_rng(seed, noise_std)
-            writer = EpisodeWriter(
-                out_root, instruction=env.instruction, task=task, source=source, action_spec=env.action_spec,
-                joint_names=env.joint_names, camera_names=(camera_name,), iteration=iteration,
-                metadata={"seed": int(seed), "noise_std": float(noise_std), "camera": camera,
-                          "image_size": int(image_size), "collector": "metaworld_scripted_expert",
-                          "placement": [float(x) for x in env.placement]},
-            )
             success = False
+            try:
+                writer = writers.open(out_root, dict(
+                    instruction=env.instruction, task=task, source=source, action_spec=env.action_spec,
+                    joint_names=env.joint_names, camera_names=(camera_name,), iteration=iteration,
+                    metadata={"seed": int(seed), "noise_std": float(noise_std), "camera": camera,
+                              "image_size": int(image_size), "collector": "metaworld_scripted_expert",
+                              "placement": [float(x) for x in env.placement]},
+                ))
+            except EpisodeWriteError as exc:
+                raise CollectError(f"{task}: stopped after {len(paths)} episodes: {exc}", paths) from None
             try:
                 while True:
                     action = noisy_expert_action(env, rng, noise_std)
@@ -96,6 +123,9 @@ def collect_expert_episodes(
                     paths.append(writer.finalize(success, metadata={"steps": env.steps}))
                 else:
                     writer.abort()
+            except EpisodeWriteError as exc:
+                raise CollectError(f"{task}: stopped after {len(paths)} episodes "
+                                   f"(finished ones kept): {exc}", paths) from None
             except BaseException:
                 writer.abort()
                 raise
@@ -107,6 +137,7 @@ def collect_expert_episodes(
     finally:
         bar.close()
         env.close()
+        writers.close()
     if len(paths) < n_episodes:
         _log.warning("%s: only %d/%d successful episodes after %d attempts", task, len(paths), n_episodes, n_tried)
     return paths
@@ -124,13 +155,19 @@ def main(argv=None) -> int:
     p.add_argument("--max-episode-steps", type=int, default=150)
     p.add_argument("--only-successful", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--min-free-mb", type=float, default=DEFAULT_MIN_FREE_MB,
+                   help="stop (keeping finished episodes) when less disk is free (default %(default)s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    paths = collect_expert_episodes(
-        args.task, args.episodes, args.out, seed0=args.seed0, noise_std=args.noise_std, image_size=args.image_size,
-        camera=args.camera, max_episode_steps=args.max_episode_steps, progress=not args.no_progress,
-        only_successful=args.only_successful,
-    )
+    try:
+        paths = collect_expert_episodes(
+            args.task, args.episodes, args.out, seed0=args.seed0, noise_std=args.noise_std,
+            image_size=args.image_size, camera=args.camera, max_episode_steps=args.max_episode_steps,
+            progress=not args.no_progress, only_successful=args.only_successful, min_free_mb=args.min_free_mb,
+        )
+    except CollectError as exc:
+        print(f"collect: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {len(paths)} episodes to {args.out}")
     return 0
 

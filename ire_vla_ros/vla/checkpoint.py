@@ -13,6 +13,10 @@ The directory is built under a temporary name, every file fsynced, renamed into 
 `<root>/latest` (a one-line text file naming the directory) is replaced. A crash at any point leaves
 the previous `latest` valid. Loading checks the manifest (sizes and hashes) and tensor shapes, so a
 truncated or mismatched checkpoint is refused with a clear error. No pickle anywhere.
+
+Disk full: before writing, the tensors' size (plus `min_free_mb`) must fit on the disk, else
+CheckpointError before anything is written; ENOSPC/EIO while writing anyway removes the temporary
+directory and raises CheckpointError. Either way the previous checkpoints and `latest` are intact.
 """
 from __future__ import annotations
 
@@ -34,7 +38,11 @@ MANIFEST = "MANIFEST.json"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, truncated, corrupted or of another shape."""
+    """A checkpoint that cannot be used: missing, truncated, corrupted or of another shape; or one
+    that could not be written (disk full, I/O error)."""
+
+#: Free space a checkpoint write leaves at least (on top of its own size).
+DEFAULT_MIN_FREE_MB = 10.0
 
 
 def _fsync_file(path: Path) -> None:
@@ -67,10 +75,39 @@ def _tensors(module_state: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in module_state.items()}
 
 
+def _state_bytes(policy: VLAPolicy) -> int:
+    """What the checkpoint's tensors take on disk (an upper bound: every parameter and buffer)."""
+    seen, total = set(), 0
+    for t in list(policy.state_dict().values()):
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 def save_checkpoint(policy: VLAPolicy, root: str | Path, *, stage: str, iteration: int,
-                    metadata: dict | None = None, name: str | None = None) -> Path:
+                    metadata: dict | None = None, name: str | None = None,
+                    min_free_mb: float = DEFAULT_MIN_FREE_MB) -> Path:
+    from ire_vla_ros.diskspace import DiskSpaceError, is_disk_error, require_free_space
+
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        require_free_space(root, min_free_mb, _state_bytes(policy) + 1024 * 1024, what="the checkpoint")
+    except DiskSpaceError as exc:
+        raise CheckpointError(f"checkpoint not written under {root}: {exc}") from None
+    try:
+        return _save(policy, root, stage=stage, iteration=iteration, metadata=metadata, name=name)
+    except (OSError, SafetensorError) as exc:
+        # safetensors reports ENOSPC/EIO as SafetensorError("... I/O error: ... (os error 28)")
+        if not (is_disk_error(exc) or (isinstance(exc, SafetensorError) and "I/O error" in str(exc))):
+            raise
+        raise CheckpointError(f"checkpoint not written under {root}: {exc} "
+                              f"(previous checkpoints and '{LATEST}' unchanged)") from None
+
+
+def _save(policy: VLAPolicy, root: Path, *, stage: str, iteration: int, metadata: dict | None,
+          name: str | None) -> Path:
     name = name or f"{time.strftime('%Y%m%dT%H%M%S')}-it{iteration}-{stage}"
     final = root / name
     if final.exists():
@@ -111,9 +148,13 @@ def save_checkpoint(policy: VLAPolicy, root: str | Path, *, stage: str, iteratio
 
 def _point_latest(root: Path, name: str) -> None:
     tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    _fsync_file(tmp)
-    os.replace(tmp, root / LATEST)
+    try:
+        tmp.write_text(name + "\n")
+        _fsync_file(tmp)
+        os.replace(tmp, root / LATEST)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(root)
 
 
