@@ -46,16 +46,20 @@ def _load_cfg(args):
 
 # ----------------------------------------------------------------------------- commands
 def cmd_collect(args) -> int:
-    from .sim.collect import collect_expert_episodes
+    from .sim.collect import CollectError, collect_expert_episodes
 
     cfg = _load_cfg(args)
     tasks = args.tasks or cfg.tasks
     for task in tasks:
-        paths = collect_expert_episodes(task, args.episodes or cfg.collect.episodes_per_task, args.out / task,
-                                        seed0=args.seed0, noise_std=cfg.collect.noise_std if args.noise is None else args.noise,
-                                        image_size=cfg.env.image_size, camera=cfg.env.camera,
-                                        max_episode_steps=cfg.env.max_episode_steps, action_repeat=cfg.env.action_repeat,
-                                        progress=not args.no_progress)
+        try:
+            paths = collect_expert_episodes(task, args.episodes or cfg.collect.episodes_per_task, args.out / task,
+                                            seed0=args.seed0, noise_std=cfg.collect.noise_std if args.noise is None else args.noise,
+                                            image_size=cfg.env.image_size, camera=cfg.env.camera,
+                                            max_episode_steps=cfg.env.max_episode_steps, action_repeat=cfg.env.action_repeat,
+                                            progress=not args.no_progress, min_free_mb=args.min_free_mb)
+        except CollectError as exc:  # disk full / I/O error: finished episodes are kept
+            print(f"ire-vla collect: {exc}", file=sys.stderr)
+            return 2
         print(f"{task}: {len(paths)} episodes in {args.out / task}")
     return 0
 
@@ -189,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, help="episodes per task (default: config's)")
     p.add_argument("--noise", type=float, help="Gaussian action noise std (default: config's)")
     p.add_argument("--seed0", type=int, default=0, help="first placement seed")
+    p.add_argument("--min-free-mb", type=float, default=50.0,
+                   help="stop with an error (finished episodes kept) below this much free disk (default 50)")
     p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("train", help="run one training stage")
