@@ -98,11 +98,13 @@ def test_servo_session_refusal_retries_and_stop_supersedes_a_pending_activate():
     switch.answer, switch.auto = True, False
     s.tick()
     assert len(switch.pending) == 1
+    pause.auto = False
     s.stop()
-    assert pause.calls == [True] and s.state == "stopped"
-    switch.pending.pop()(True, "late")
-    assert pause.calls == [True] and s.state == "stopped"  # no unpause after the late answer
-    assert s.snapshot()["servo_stale_answers"] == 1
+    assert pause.calls == [True] and s.state == "working"  # the pause is in flight
+    switch.pending.pop()(True, "late")  # must not count as the pause's answer, nor unpause
+    assert pause.calls == [True] and s.state == "working" and s.snapshot()["servo_stale_answers"] == 1
+    pause.pending.pop()(True, "Servoing disabled")
+    assert s.state == "stopped" and s.snapshot()["servo_pause_ok"] == 1
 
 
 def test_servo_session_unanswered_call_times_out_and_is_resent():
@@ -457,3 +459,37 @@ def test_servo_pose_backend_targets_from_the_ee_pose(ros):
         assert targets[-1].header.frame_id == "world" and backend.stats()["no_ee_pose"] == 1
     finally:
         backend.close()
+
+
+# =============================================================================================
+# shipped configs agree with each other (Servo example, policy defaults, backend defaults)
+# =============================================================================================
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _yaml(name):
+    import yaml
+
+    return yaml.safe_load((REPO / "config" / name).read_text())
+
+
+def test_servo_example_config_matches_the_backend_defaults():
+    ms = _yaml("servo_example.yaml")["servo_node"]["ros__parameters"]["moveit_servo"]
+    assert "ee_frame" not in ms and "planning_frame" not in ms  # not parameters in 2.10-2.12
+    assert ms["command_in_type"] == "speed_units"
+    assert ms["scale"]["linear"] == mb.PARAMS["servo_scale_linear"].default
+    assert ms["scale"]["rotational"] == mb.PARAMS["servo_scale_rotational"].default
+    assert ms["incoming_command_timeout"] == mb.PARAMS["servo_command_timeout_s"].default
+    policy = next(iter(_yaml("policy_node.yaml").values()))["ros__parameters"]
+    assert ms["incoming_command_timeout"] >= 2.0 / policy["control_rate_hz"]  # no stop-and-go at 10 Hz
+    cpp = _yaml("moveit_py.yaml")["plan_request_params"]
+    assert cpp["max_velocity_scaling_factor"] == mb.PARAMS["moveit_max_velocity_scaling"].default <= 0.1
+
+
+def test_policy_defaults_fit_servo_speed_caps():
+    """The policy's largest step at its rate must not exceed Servo's speed_units caps (0.4 m/s, 0.8 rad/s):
+    config/policy_node.yaml's max_translation_m / max_rotation_rad at control_rate_hz."""
+    policy = next(iter(_yaml("policy_node.yaml").values()))["ros__parameters"]
+    ms = _yaml("servo_example.yaml")["servo_node"]["ros__parameters"]["moveit_servo"]
+    assert mb.servo_speed_warnings(policy["max_translation_m"], policy["max_rotation_rad"],
+                                   policy["control_rate_hz"], ms["scale"]["linear"], ms["scale"]["rotational"]) == []

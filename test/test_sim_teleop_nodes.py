@@ -258,9 +258,12 @@ def test_scripted_expert_teleop_solves_the_task(ros):
     twists = ros.collect(TwistStamped, "/servo_node/delta_twist_cmds", COMMAND_QOS)
     ros.add(TeleopNode, mode="scripted_expert", action_spec="metaworld_4d", rate_hz=20.0, frame_id="world",
             action_noise=0.1, noise_seed=0)
-    ros.add(SimNode, task=TASK, rate_hz=20.0, seed=1)
+    sim = ros.add(SimNode, task=TASK, rate_hz=20.0, seed=1)
     t0 = time.monotonic()
     wait_for(lambda: success and success[-1].data, 30, "task success")
+    # teleop (re)activated Servo at start: the sim's /servo_node/pause_servo got an unpause (false);
+    # Servo's command type cannot be switched here (no moveit_msgs), which the node logs instead
+    assert sim.pause_calls >= 1 and not sim.mixer.paused
     elapsed = time.monotonic() - t0
     print(f"scripted expert solved {TASK} in {elapsed:.1f} s, {len(actions)} actions")
     a = actions[-1]

@@ -610,6 +610,15 @@ class ServoBackend(_GripperMixin, MotionBackend):
                                      retry_max=p.servo_retry_max, callback_group=callback_group)
         self.session = self.servo.session
 
+        period = 1.0 / p.control_rate_hz
+        if 0 < p.servo_command_timeout_s <= period:
+            self._log("warning", f"Servo's incoming_command_timeout ({p.servo_command_timeout_s:g} s, "
+                                 f"servo_command_timeout_s) is not above the command period ({period:.3g} s): "
+                                 "Servo halts between commands; raise it in Servo's launch parameters")
+        max_t = node.get_parameter("max_translation_m").value if node.has_parameter("max_translation_m") else 0.0
+        self._log("info", f"{self.name}: one action moves at most "
+                          f"{100 * largest_motion_per_action_m(max_t, p.control_rate_hz, p.servo_command_timeout_s, p.servo_scale_linear):.1f} cm "
+                          f"if nothing follows it (Servo timeout {p.servo_command_timeout_s:g} s); stop() cuts it short")
         for w in servo_speed_warnings(node.get_parameter("max_translation_m").value
                                       if node.has_parameter("max_translation_m") else 0.0,
                                       node.get_parameter("max_rotation_rad").value
