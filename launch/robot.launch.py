@@ -14,6 +14,7 @@ from launch.conditions import IfCondition
 from launch.substitutions import (LaunchConfiguration, NotEqualsSubstitution, PathJoinSubstitution,
                                   PythonExpression)
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
 PACKAGE = "ire_vla_ros"
@@ -63,6 +64,12 @@ def generate_launch_description():
         DeclareLaunchArgument("device", default_value="auto", description="policy device: auto | cpu | cuda"),
         DeclareLaunchArgument("command_frame", default_value="base_link",
                               description="frame of Servo commands and of /ee_pose"),
+        DeclareLaunchArgument("motion_backend", default_value="servo_twist",
+                              description="servo_twist | servo_pose | moveit_py (docs/ROBOT_SETUP.md section 3)"),
+        DeclareLaunchArgument("moveit_config_package", default_value="",
+                              description="moveit_py: the robot's MoveIt config package"),
+        DeclareLaunchArgument("servo_command_timeout_s", default_value="0.25",
+                              description="Servo's incoming_command_timeout as launched (start-up check only)"),
         DeclareLaunchArgument("camera_topic", default_value="/camera/image_raw"),
         DeclareLaunchArgument("joint_states_topic", default_value="/joint_states"),
         DeclareLaunchArgument("ee_pose_topic", default_value="/ee_pose"),
@@ -72,7 +79,13 @@ def generate_launch_description():
              parameters=[config("policy_node.yaml"),
                          {"checkpoint": LaunchConfiguration("checkpoint"),
                           "device": LaunchConfiguration("device"),
-                          "command_frame": LaunchConfiguration("command_frame")}],
+                          "command_frame": LaunchConfiguration("command_frame"),
+                          "motion_backend": LaunchConfiguration("motion_backend"),
+                          # value_type=str: an empty value must stay '' (yaml rules would make it null)
+                          "moveit_config_package": ParameterValue(LaunchConfiguration("moveit_config_package"),
+                                                                  value_type=str),
+                          "servo_command_timeout_s": ParameterValue(
+                              LaunchConfiguration("servo_command_timeout_s"), value_type=float)}],
              remappings=sensor_remaps),
         Node(package=PACKAGE, executable="reward_node", name="reward_node", output="screen",
              parameters=[config("reward_node.yaml"), OVERRIDES["reward_node"], {"action_topic": action_topic}]),
