@@ -477,6 +477,7 @@ def test_servo_example_config_matches_the_backend_defaults():
     ms = _yaml("servo_example.yaml")["servo_node"]["ros__parameters"]["moveit_servo"]
     assert "ee_frame" not in ms and "planning_frame" not in ms  # not parameters in 2.10-2.12
     assert ms["command_in_type"] == "speed_units"
+    assert ms["apply_twist_commands_about_ee_frame"] is True  # rotations about the EE, as pose_after_delta
     assert ms["scale"]["linear"] == mb.PARAMS["servo_scale_linear"].default
     assert ms["scale"]["rotational"] == mb.PARAMS["servo_scale_rotational"].default
     assert ms["incoming_command_timeout"] == mb.PARAMS["servo_command_timeout_s"].default
