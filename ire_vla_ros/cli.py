@@ -155,6 +155,9 @@ def cmd_eval(args) -> int:
     finally:
         for e in envs:
             e.close()
+    from .training import tb
+
+    tb.log_eval(res, step=0)  # no-op without --tensorboard
     print(json.dumps(res, indent=2))
     return 0
 
