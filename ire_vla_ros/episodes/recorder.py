@@ -195,7 +195,8 @@ class RecorderStats:
     max_queue_depth: int = 0
     last_path: str = ""
     last_error: str = ""
-    write_time_s: float = 0.0
+    write_time_s: float = 0.0     # the writer thread's busy time (decode, validate, hand over)
+    file_write_s: float = 0.0     # the time the writing itself took (a child process's, when reported)
 
 
 class EpisodeRecorder:
@@ -325,6 +326,7 @@ class EpisodeRecorder:
                         w, writer = writer, None
                         try:
                             path = w.finalize(success, metadata=metadata) if metadata else w.finalize(success)
+                            self.stats.file_write_s += float(getattr(w, "write_time_s", 0.0))
                             self.stats.episodes_saved += 1
                             self.stats.last_path = str(path)
                             self._on_result("saved", str(path))
@@ -607,5 +609,5 @@ class EpisodeSession:
             episodes_failed=s.episodes_failed,
             steps_written=s.steps_written, steps_dropped=s.steps_dropped, step_errors=s.step_errors,
             queue_depth=s.queue_depth, max_queue_depth=s.max_queue_depth, last_path=s.last_path,
-            last_error=s.last_error,
+            last_error=s.last_error, writer_thread_s=round(s.write_time_s, 3), file_write_s=round(s.file_write_s, 3),
         )
