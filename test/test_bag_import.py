@@ -4,6 +4,7 @@ Bags are written with the rosbags WRITER (the library the importer reads with), 
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from ire_vla_ros.episodes.mcap_export import BagWriter
 from ire_vla_ros.episodes.store import read_episode, scan_episodes
 from ire_vla_ros.robot.motion import pose_after_delta, rpy_to_quat, twist_from_delta
 from ire_vla_ros.robot.safety import action_to_delta
-from ire_vla_ros.vla.action_spec import EE_DELTA_7D
+from ire_vla_ros.vla.action_spec import EE_DELTA_7D, ActionSpec
 
 NS = 1_000_000_000
 RATE = 10.0
@@ -285,3 +286,34 @@ def test_cli_truncated_or_corrupt_bag(tmp_path, capsys, storage, damage):
     assert len(lines) == 1 and str(bag) in lines[0] and ("corrupt" in lines[0] or "unreadable" in lines[0])
     res = scan_episodes(out)  # the good bag after it was still imported, and nothing else
     assert len(res) == 1 and not res.rejected and res.infos[0].metadata["bag"] == "good"
+
+
+def test_cli_checkpoint_gives_action_spec_and_joint_order(tmp_path, capsys):
+    """--checkpoint: the episodes get the checkpoint's action spec (4-D here: rotation dropped) and
+    its joint order, so `train sft --init CKPT` can fine-tune on them."""
+    from ire_vla_ros.paths import models_dir
+    from ire_vla_ros.vla.action_spec import METAWORLD_4D
+
+    ckpt = models_dir() / "metaworld_tiny"
+    names = json.loads((ckpt / "config.json").read_text())["joint_names"]
+    bag = tmp_path / "b"
+    actions = _actions(6)
+    with BagWriter(bag, "mcap") as w:  # a robot whose joint state carries the checkpoint's joints (reversed)
+        for i, a in enumerate(actions):
+            t = int(50 * NS) + i * NS // 10
+            w.write("/joint_states", t - 1000, w.joint_state(t - 1000, names[::-1], np.arange(len(names))[::-1] + i))
+            w.write("/camera/image_raw", t, w.image(t, _frame(i)))
+            d = action_to_delta(a, EE_DELTA_7D)
+            lin, ang = twist_from_delta(d, RATE)
+            w.write("/gripper/command", t + 10, w.float64(d.gripper))
+            w.write("/servo_node/delta_twist_cmds", t + 10, w.twist(t + 10, lin, ang))
+    rc, err = _run_cli(capsys, bag, "--out", tmp_path / "o", "--instruction", "reach", "--checkpoint", ckpt)
+    assert rc == 0, err
+    ep = read_episode(scan_episodes(tmp_path / "o").episodes[0])
+    spec = ActionSpec.from_dict(json.loads((ckpt / "config.json").read_text())["action_spec"])
+    assert ep.action_spec == spec and spec.names == METAWORLD_4D.names and ep.joint_names == names
+    np.testing.assert_array_equal(ep.joint_positions[2], np.arange(len(names)) + 2)
+    # metres per step re-expressed in the checkpoint's units (its translation_scale_m), gripper kept
+    expected = actions[:, [0, 1, 2, 6]].copy()
+    expected[:, :3] *= EE_DELTA_7D.translation_scale_m / spec.translation_scale_m
+    np.testing.assert_allclose(ep.actions, expected, atol=1e-5)
