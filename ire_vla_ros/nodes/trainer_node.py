@@ -11,13 +11,24 @@ as a child process and returns at once. The node stays responsive while it runs:
 * exit code 0 = success; then `/policy_node/reload` (std_srvs/Trigger, `reload_service`) is called
   asynchronously, so the running policy picks up the new checkpoint without a restart.
 
-A second `~/run_iteration` while a run is in progress is refused (success=false, with the reason).
+A `~/run_iteration` while a run is in progress, while the policy's reload of the previous
+checkpoint is still pending, or sooner than `min_run_interval_s` after the last start is refused at
+once (success=false, with the reason) and counted on `~/status`.
 `~/cancel` (std_srvs/Trigger) stops a run (SIGTERM to its process group, SIGKILL after
 `cancel_timeout_s`). The child's full output is written to `log_dir/train_<time>.log`.
 
+Security: everything that names a program, an argument list, a working directory, a config file or
+an output root (`command`, `extra_args`, `working_dir`, `config`, `episodes_dir`,
+`checkpoints_dir`, `log_dir`) and the service it calls (`reload_service`) is read-only: set by the
+launch file or `--ros-args`, never by `SetParameters` from another participant on the DDS domain
+(which would otherwise be remote code execution through two standard calls). `device` stays
+writable but must name a torch device. The checkpoint the child reports must lie inside
+`checkpoints_dir` (`paths.confine`), else no reload is asked for.
+
 Status JSON keys: state (idle | running | succeeded | failed | cancelled), run, stage, fraction,
 message, checkpoint, returncode, elapsed_s, log_path, output_tail, reload (""/pending/ok/failed/
-skipped), reload_message, command.
+skipped/refused), reload_message, command, calls {run_iteration, cancel}, refused {busy,
+reload_pending, too_soon, start_failed}.
 """
 from __future__ import annotations
 
@@ -25,6 +36,7 @@ import collections
 import datetime as _dt
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -39,13 +51,37 @@ from rclpy.parameter import Parameter
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from ire_vla_ros.nodes.ros_common import LATCHED_QOS, P, declare_params, run_node
+from ire_vla_ros.nodes.ros_common import LATCHED_QOS, P, bind_live_params, declare_params, run_node
+from ire_vla_ros.paths import PathOutsideRoot, confine
 
 DEFAULT_COMMAND = [
     "{python}", "-m", "ire_vla_ros.cli", "train", "offline",
     "--episodes", "{episodes}", "--checkpoints", "{checkpoints}",
     "--config", "{config}", "--device", "{device}", "--no-progress",
 ]
+
+#: Resource limits (also listed in `--help`): a child or a caller cannot grow the node's memory or
+#: its status messages without bound.
+MAX_LINE_CHARS = 4096      # one line of the child's output is read at most this long (rest: next line)
+MAX_FIELD_CHARS = 512      # stage, message, checkpoint and each output_tail line on ~/status
+TAIL_LINES = 20            # last output lines kept (5 on ~/status)
+LIMITS_HELP = (
+    f"Limits: one run at a time; a trigger while a run or the policy reload is pending, or sooner than "
+    f"min_run_interval_s after the last start, is refused at once and counted (~/status 'refused'); "
+    f"child output lines are read up to {MAX_LINE_CHARS} characters, status fields cut to "
+    f"{MAX_FIELD_CHARS}, {TAIL_LINES} output lines kept. Read-only (launch time only): command, "
+    f"extra_args, working_dir, config, episodes_dir, checkpoints_dir, log_dir, reload_service."
+)
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
+
+
+def check_device(value: str) -> str | None:
+    return None if _DEVICE_RE.match(value) else "must be auto, cpu, mps, cuda or cuda:N"
+
+
+def clip(text: str, limit: int = MAX_FIELD_CHARS) -> str:
+    """`text` cut to `limit` characters (marked), so a status message stays bounded."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +123,7 @@ class TrainingJob:
     """One child process; a reader thread parses its output. Thread-safe `snapshot()`."""
 
     def __init__(self, command: list[str], *, log_path: Path | None = None, env: dict | None = None,
-                 cwd: str | None = None, tail_lines: int = 20):
+                 cwd: str | None = None, tail_lines: int = TAIL_LINES):
         self.command = list(command)
         self.log_path = log_path
         self.started = time.monotonic()
@@ -117,23 +153,24 @@ class TrainingJob:
                 self.log_path.parent.mkdir(parents=True, exist_ok=True)
                 log = open(self.log_path, "w", encoding="utf-8")
                 log.write("$ " + shlex.join(self.command) + "\n")
-            for line in self.proc.stdout:
+            # readline(limit): a child printing one endless line cannot exhaust the node's memory
+            for line in iter(lambda: self.proc.stdout.readline(MAX_LINE_CHARS), ""):
                 if log is not None:
                     log.write(line)
                     log.flush()
                 kind, value = parse_line(line)
                 with self._lock:
                     if kind == "progress":
-                        self.stage = str(value.get("stage", self.stage))
+                        self.stage = clip(str(value.get("stage", self.stage)))
                         try:
                             self.fraction = float(value.get("fraction", self.fraction))
                         except (TypeError, ValueError):
                             pass
-                        self.message = str(value.get("message", ""))
+                        self.message = clip(str(value.get("message", "")))
                     elif kind == "checkpoint":
-                        self.checkpoint = value
+                        self.checkpoint = value if len(value) <= MAX_FIELD_CHARS else ""
                     elif value.strip():
-                        self.tail.append(value)
+                        self.tail.append(clip(value))
                     self._version += 1
         finally:
             rc = self.proc.wait()
@@ -205,20 +242,24 @@ class TrainingJob:
 # ---------------------------------------------------------------------------------------------
 class TrainerNode(Node):
     PARAMS = {
-        "episodes_dir": P("episodes", "Episode store the training reads"),
-        "checkpoints_dir": P("checkpoints", "Checkpoint root (new checkpoints, `latest`)"),
-        "config": P("", "Training config YAML passed as --config (empty: left out)"),
-        "device": P("cpu", "Torch device for training (cpu, cuda, cuda:0 ...)"),
+        "episodes_dir": P("episodes", "Episode store the training reads", read_only=True),
+        "checkpoints_dir": P("checkpoints", "Checkpoint root (new checkpoints, `latest`)", read_only=True),
+        "config": P("", "Training config YAML passed as --config (empty: left out)", read_only=True),
+        "device": P("cpu", "Torch device for the next run (auto, cpu, cuda, cuda:N, mps)",
+                    validate=check_device),
         "command": P(DEFAULT_COMMAND, "Command run by ~/run_iteration; placeholders {python} {episodes} "
-                     "{checkpoints} {config} {device}", type=Parameter.Type.STRING_ARRAY),
+                     "{checkpoints} {config} {device}", type=Parameter.Type.STRING_ARRAY, read_only=True),
         "extra_args": P([], "Arguments appended to the command (e.g. [--set, sft.steps=500])",
-                         type=Parameter.Type.STRING_ARRAY),
-        "working_dir": P("", "Working directory of the command (empty: the node's)"),
-        "log_dir": P("", "Where the child's output is logged (empty: <checkpoints_dir>/logs)"),
+                         type=Parameter.Type.STRING_ARRAY, read_only=True),
+        "working_dir": P("", "Working directory of the command (empty: the node's)", read_only=True),
+        "log_dir": P("", "Where the child's output is logged (empty: <checkpoints_dir>/logs)", read_only=True),
         "reload_service": P("/policy_node/reload", "std_srvs/Trigger called after a successful run "
-                            "(empty: no reload)"),
-        "reload_wait_s": P(30.0, "How long to wait for the reload service to appear", min=0.0),
-        "cancel_timeout_s": P(10.0, "SIGTERM -> SIGKILL grace for ~/cancel and shutdown", min=0.1),
+                            "(empty: no reload)", read_only=True),
+        "reload_wait_s": P(30.0, "How long to wait for the reload service to appear, then for its answer",
+                           min=0.0, max=3600.0),
+        "cancel_timeout_s": P(10.0, "SIGTERM -> SIGKILL grace for ~/cancel and shutdown", min=0.1, max=600.0),
+        "min_run_interval_s": P(1.0, "A ~/run_iteration sooner than this after the last start is refused",
+                                min=0.0, max=3600.0),
         "status_period_s": P(0.2, "How often the child's progress is checked", min=0.02, max=10.0,
                              read_only=True),
     }
@@ -226,13 +267,22 @@ class TrainerNode(Node):
     def __init__(self, **kwargs):
         super().__init__("trainer_node", **kwargs)
         self.p = declare_params(self, self.PARAMS)
+        # device, reload_wait_s, cancel_timeout_s, min_run_interval_s are read when used: a set
+        # takes effect at the next run / wait; validation refuses a bad device with the reason
+        # (writable ones only: bind_live_params reads every listed parameter, and `extra_args`
+        # declared by type only has no value to read)
+        bind_live_params(self, {k: v for k, v in self.PARAMS.items() if not v.read_only}, self.p)
         self.job: TrainingJob | None = None
+        self._last_start = -float("inf")
+        self.calls = {"run_iteration": 0, "cancel": 0}
+        self.refused = {"busy": 0, "reload_pending": 0, "too_soon": 0, "start_failed": 0}
         self.run = 0
-        self._published_version = -1
+        self._published_version = (-1, 0)
         self._final_handled = True
         self._reload = {"reload": "", "reload_message": ""}
         self._reload_deadline: float | None = None
         self._reload_client = None
+        self._reload_future = None
         self._lock = threading.Lock()
         self.status_pub = self.create_publisher(String, "~/status", LATCHED_QOS)
         self.create_service(Trigger, "~/run_iteration", self._on_run)
@@ -257,21 +307,39 @@ class TrainerNode(Node):
             base["command"] = self.job.command
         base["run"] = self.run
         base.update(self._reload)
+        base["calls"] = dict(self.calls)
+        base["refused"] = dict(self.refused)
         return base
 
     def _publish(self) -> None:
         self.status_pub.publish(String(data=json.dumps(self.status())))
 
     # services ------------------------------------------------------------------------------
+    def _refuse(self, resp, counter: str, message: str):
+        """Answer a refused call at once; counted, logged at most once a second (a flood of calls
+        costs a counter increment each, not a log line each)."""
+        self.refused[counter] += 1
+        resp.success, resp.message = False, message
+        self.get_logger().warning(f"{message} ({self.refused[counter]} refused so far)",
+                                  throttle_duration_sec=1.0)
+        return resp
+
     def _on_run(self, _req, resp):
         with self._lock:
+            self.calls["run_iteration"] += 1
             if self.job is not None and not self.job.done:
                 s = self.job.snapshot()
-                resp.success = False
-                resp.message = (f"refused: run {self.run} is still in progress (stage '{s['stage']}', "
-                                f"{100 * s['fraction']:.0f}%, {s['elapsed_s']:.0f} s); ~/cancel stops it")
-                self.get_logger().warning(resp.message)
-                return resp
+                return self._refuse(resp, "busy", (
+                    f"refused: run {self.run} is still in progress (stage '{s['stage']}', "
+                    f"{100 * s['fraction']:.0f}%, {s['elapsed_s']:.0f} s); ~/cancel stops it"))
+            if self.job is not None and (not self._final_handled or self._reload["reload"] == "pending"):
+                # the policy has not yet loaded run N's checkpoint: a new run would race that load
+                return self._refuse(resp, "reload_pending", (
+                    f"refused: the policy reload of run {self.run}'s checkpoint is still pending "
+                    f"({self._reload['reload_message']}); retry when ~/status shows reload ok/failed"))
+            wait = self._last_start + self._param("min_run_interval_s") - time.monotonic()
+            if wait > 0:
+                return self._refuse(resp, "too_soon", f"refused: too soon after the last start, retry in {wait:.1f} s")
             ckpt = self._param("checkpoints_dir")
             values = dict(python=sys.executable, episodes=str(self._param("episodes_dir")),
                           checkpoints=str(ckpt), config=str(self._param("config")),
@@ -287,9 +355,8 @@ class TrainerNode(Node):
                 self.job = TrainingJob(command, log_path=log_dir / f"train_{stamp}_{self.run + 1}.log",
                                        cwd=self._param("working_dir") or None)
             except OSError as exc:
-                resp.success, resp.message = False, f"cannot start {command[0]!r}: {exc}"
-                self.get_logger().error(resp.message)
-                return resp
+                return self._refuse(resp, "start_failed", clip(f"cannot start {command[0]!r}: {exc}"))
+            self._last_start = time.monotonic()
             self.run += 1
             self._final_handled = False
             self._reload = {"reload": "", "reload_message": ""}
@@ -300,6 +367,7 @@ class TrainerNode(Node):
         return resp
 
     def _on_cancel(self, _req, resp):
+        self.calls["cancel"] += 1
         job = self.job
         if job is None or job.done:
             resp.success, resp.message = False, "nothing is running"
@@ -315,8 +383,10 @@ class TrainerNode(Node):
         job = self.job
         if job is not None:
             job.enforce_cancel()
-        if job is not None and job.version != self._published_version:
-            self._published_version = job.version
+        # refused calls show on ~/status at most once per tick, not once per call
+        version = (job.version if job is not None else -1, sum(self.calls.values()))
+        if version != self._published_version:
+            self._published_version = version
             self._publish()
         if job is not None and job.done and not self._final_handled:
             self._final_handled = True
@@ -330,7 +400,11 @@ class TrainerNode(Node):
             self.get_logger().info(f"run {self.run} succeeded in {s['elapsed_s']:.1f} s: "
                                    f"checkpoint {s['checkpoint'] or '(none reported)'}")
             service = self._param("reload_service")
-            if service:
+            refusal = self._checkpoint_refusal(s["checkpoint"])
+            if refusal:
+                self._reload = {"reload": "refused", "reload_message": refusal}
+                self.get_logger().error(f"run {self.run}: {refusal}")
+            elif service:
                 self._reload = {"reload": "pending", "reload_message": f"waiting for {service}"}
                 self._reload_deadline = time.monotonic() + self._param("reload_wait_s")
                 if self._reload_client is None or self._reload_client.srv_name != service:
@@ -346,27 +420,48 @@ class TrainerNode(Node):
                 f"log {s['log_path']}; last output: {' | '.join(s['output_tail'][-3:])}")
         self._publish()
 
+    def _checkpoint_refusal(self, checkpoint: str) -> str | None:
+        """Why the reported checkpoint must not be loaded (outside checkpoints_dir), or None."""
+        if not checkpoint:
+            return None
+        path = Path(checkpoint)
+        if not path.is_absolute():  # the child prints paths relative to its working directory
+            path = Path(self._param("working_dir") or os.getcwd()) / path
+        try:
+            confine(self._param("checkpoints_dir"), path)
+        except PathOutsideRoot as exc:
+            return f"checkpoint not reloaded: {exc}"
+        return None
+
     def _try_reload(self) -> None:
         client = self._reload_client
-        if client.service_is_ready():
-            self._reload_deadline = None
-            future = client.call_async(Trigger.Request())
-            future.add_done_callback(self._on_reload_done)
+        if self._reload_future is not None:  # asked; waiting for the answer
+            if time.monotonic() > self._reload_deadline:
+                self._reload_deadline, self._reload_future = None, None
+                self._reload_failed(f"{client.srv_name} did not answer within reload_wait_s")
+        elif client.service_is_ready():
+            self._reload_deadline = time.monotonic() + self._param("reload_wait_s")
+            self._reload_future = client.call_async(Trigger.Request())
+            self._reload_future.add_done_callback(self._on_reload_done)
         elif time.monotonic() > self._reload_deadline:
             self._reload_deadline = None
-            self._reload = {"reload": "failed",
-                            "reload_message": f"{client.srv_name} not available: restart the policy to use "
-                                              "the new checkpoint"}
-            self.get_logger().error(self._reload["reload_message"])
-            self._publish()
+            self._reload_failed(f"{client.srv_name} not available: restart the policy to use the new checkpoint")
+
+    def _reload_failed(self, message: str) -> None:
+        self._reload = {"reload": "failed", "reload_message": message}
+        self.get_logger().error(message)
+        self._publish()
 
     def _on_reload_done(self, future) -> None:
+        if future is not self._reload_future:  # answered after its deadline: already reported
+            return
+        self._reload_deadline, self._reload_future = None, None
         try:
             result = future.result()
             ok, msg = bool(result.success), result.message
         except Exception as exc:  # noqa: BLE001 - any service failure is reported, not raised
             ok, msg = False, str(exc)
-        self._reload = {"reload": "ok" if ok else "failed", "reload_message": msg}
+        self._reload = {"reload": "ok" if ok else "failed", "reload_message": clip(msg)}
         (self.get_logger().info if ok else self.get_logger().error)(f"policy reload: {msg}")
         self._publish()
 
@@ -380,7 +475,8 @@ class TrainerNode(Node):
 def main(args=None):
     return run_node(
         TrainerNode, args, params=TrainerNode.PARAMS,
-        description="Run iRe-VLA training stages in a child process on request; reload the policy afterwards.",
+        description="Run iRe-VLA training stages in a child process on request; reload the policy afterwards.\n\n"
+                    + LIMITS_HELP,
     )
 
 
