@@ -2,7 +2,7 @@
 
   ire-vla collect        record scripted-expert demonstrations in Metaworld (tagged teleop)
   ire-vla train sft      Stage 0/2 SFT on recorded episodes
-  ire-vla train rl       Stage 1 PPO in Metaworld with the VLM frozen
+  ire-vla train rl       Stage 1 (SACfD or PPO) in Metaworld with the VLM frozen
   ire-vla train offline  the next iRe-VLA stage(s) on episodes recorded on the robot (trainer node)
   ire-vla iterate        Stage 0, then (Stage 1, Stage 2) x K in Metaworld, with evaluation
   ire-vla demo           `iterate` with config/demo.yaml, then a results table
@@ -100,12 +100,29 @@ def cmd_train_rl(args) -> int:
     from .vla.checkpoint import load_checkpoint, read_metadata, resolve_device, save_checkpoint
 
     cfg = _load_cfg(args)
+    algo = args.algo or cfg.stage1.algo
+    demos = []
+    if algo == "sac":
+        from .episodes.store import scan_episodes
+
+        if args.demos is None:
+            raise SystemExit("error: --algo sac needs --demos DIR (teleop episodes for the demo buffer; `ire-vla collect` writes them)")
+        demos = scan_episodes(args.demos, sources=["teleop"]).episodes
+        if not demos:
+            raise SystemExit(f"error: no teleop episodes under {args.demos}")
     policy = load_checkpoint(args.init, device=resolve_device(cfg.device))
     iteration = int(read_metadata(args.init).get("iteration", 0)) + 1
-    envs = make_envs(args.tasks or cfg.tasks, max(1, cfg.ppo.num_envs // len(args.tasks or cfg.tasks)), cfg.env)
+    tasks = args.tasks or cfg.tasks
+    envs = make_envs(tasks, max(1, (cfg.sac if algo == "sac" else cfg.ppo).num_envs // len(tasks)), cfg.env)
     try:
-        stats = stage1_ppo_sim(policy, envs, cfg.ppo, episode_root=args.episodes, iteration=iteration,
-                               progress=not args.no_progress)
+        if algo == "sac":
+            from .training.stages import stage1_sac_sim
+
+            stats = stage1_sac_sim(policy, envs, demos, cfg.sac, episode_root=args.episodes, iteration=iteration,
+                                   progress=not args.no_progress)
+        else:
+            stats = stage1_ppo_sim(policy, envs, cfg.ppo, episode_root=args.episodes, iteration=iteration,
+                                   progress=not args.no_progress)
     finally:
         for e in envs:
             e.close()
@@ -208,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--checkpoints", type=Path, required=True, help="checkpoint root (gets a `latest` pointer)")
     q.add_argument("--init", type=Path, help="start from this checkpoint (Stage 2)")
     q.set_defaults(func=cmd_train_sft)
-    q = tsub.add_parser("rl", help="Stage 1 PPO in Metaworld with the VLM frozen")
+    q = tsub.add_parser("rl", help="Stage 1 (SACfD or PPO) in Metaworld with the VLM frozen")
     _config_args(q)
+    q.add_argument("--algo", choices=["sac", "ppo"], help="Stage 1 algorithm (default: the config's stage1.algo)")
+    q.add_argument("--demos", type=Path, help="teleop episode root for SACfD's demo buffer (required with sac)")
     q.add_argument("--init", type=Path, required=True, help="checkpoint to improve")
     q.add_argument("--checkpoints", type=Path, required=True, help="checkpoint root")
     q.add_argument("--episodes", type=Path, help="where successful RL episodes are kept")

@@ -35,7 +35,12 @@ def test_gae_matches_hand_computation_with_termination():
     a1 = d1 + g * lam * a2
     a0 = d0 + g * lam * a1
     torch.testing.assert_close(b.advantages[:, 0], torch.tensor([a0, a1, a2]))
-    torch.testing.assert_close(b.returns, b.advantages + values)
+    # Returns are the lambda-returns, worked out by hand for this episode (reward 1 at the end):
+    # G2 = 1; G1 = 0 + g * ((1 - lam) * V2 + lam * G2); G0 = 0 + g * ((1 - lam) * V1 + lam * G1).
+    G2 = 1.0
+    G1 = g * ((1 - lam) * 0.3 + lam * G2)
+    G0 = g * ((1 - lam) * 0.2 + lam * G1)
+    torch.testing.assert_close(b.returns[:, 0], torch.tensor([G0, G1, G2]))
 
 
 def test_gae_bootstraps_truncated_episodes():
@@ -110,10 +115,15 @@ def test_cached_features_equal_a_fresh_backbone_pass():
 
 def test_target_kl_stops_epochs_early():
     policy = make_tiny_policy()
-    cfg = PPOConfig(update_epochs=20, minibatch_size=8, target_kl=1e-9, lr_actor=1e-2)
+    cfg = PPOConfig(update_epochs=5, minibatch_size=8, target_kl=1e-9, lr_actor=1e-2)
     opt = begin_stage1(policy, cfg)
-    stats = ppo_update(policy, opt, _rollout_like(policy), cfg)
-    assert stats["epochs"] < 20
+    batch = _rollout_like(policy)
+    stats = ppo_update(policy, opt, batch, cfg)
+    assert stats["epochs"] == 1 and stats["approx_kl"] > 1e-9  # the first epoch moved the policy past the limit
+    # Positive control: without a KL limit the same update runs every epoch.
+    policy = make_tiny_policy()
+    cfg = PPOConfig(update_epochs=5, minibatch_size=8, target_kl=None, lr_actor=1e-2)
+    assert ppo_update(policy, begin_stage1(policy, cfg), _rollout_like(policy), cfg)["epochs"] == 5
 
 
 def test_begin_stage1_resets_critic_and_exploration_noise():
@@ -121,8 +131,14 @@ def test_begin_stage1_resets_critic_and_exploration_noise():
     with torch.no_grad():
         for p in policy.critic.parameters():
             p.fill_(0.123)
-    begin_stage1(policy, PPOConfig(init_log_std=-0.5))
-    assert not all(torch.all(p == 0.123) for p in policy.critic.parameters())
+    begin_stage1(policy, PPOConfig(init_log_std=-0.5, seed=3))
+    # The critic is a fresh initialisation (the one seed 3 gives), not the old weights.
+    from ire_vla_ros.vla.heads import CriticHead
+
+    torch.manual_seed(3)
+    fresh = CriticHead(policy.backbone.hidden_size, len(policy.joint_names), policy.cfg.head_width, policy.cfg.head_queries)
+    for (name, p), q in zip(policy.critic.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), name
     assert torch.allclose(policy.actor.log_std, torch.full_like(policy.actor.log_std, -0.5))
 
 

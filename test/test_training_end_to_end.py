@@ -21,18 +21,33 @@ TINY = {
     "ppo.total_env_steps": 64, "ppo.num_envs": 2, "ppo.rollout_len": 16, "ppo.minibatch_size": 16,
     "ppo.update_epochs": 2, "ppo.reward": "dense", "eval.episodes_per_task": 2,
 }
+# SACfD at test size: few updates, a small ensemble.
+TINY_SAC = {"sac.total_env_steps": 32, "sac.num_envs": 2, "sac.batch_size": 16, "sac.num_critics": 2,
+            "sac.critic_hidden": 16, "sac.distill_steps": 5, "sac.critic_pretrain_steps": 5, "sac.utd": 0.25,
+            "sac.offline_updates": 6}
 
 
 def test_one_iteration_end_to_end(tmp_path):
-    cfg = load_iterate_config(None, TINY)
+    from ire_vla_ros.sim.metaworld_env import heldout_seeds
+    from ire_vla_ros.training.rollout import evaluate, make_envs
+
+    cfg = load_iterate_config(None, TINY | {"stage1.algo": "ppo"})
     results = IterationRunner(cfg, tmp_path, progress=False).run()
     labels = [s["label"] for s in results["stages"]]
     assert labels == ["stage0_sft", "iter1_stage1_ppo", "iter1_stage2_sft"]
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert [s["label"] for s in on_disk["stages"]] == labels
-    for s in on_disk["stages"]:
-        rate = s["eval"]["button-press-topdown-v3"]["success_rate"]
-        assert 0.0 <= rate <= 1.0 and s["eval"]["button-press-topdown-v3"]["episodes"] == 2
+    # Each recorded evaluation is what its saved checkpoint does on the held-out seeds.
+    envs = make_envs(cfg.tasks, 2, cfg.env)
+    try:
+        for s in on_disk["stages"]:
+            recorded = s["eval"]["button-press-topdown-v3"]
+            again = evaluate(load_checkpoint(s["checkpoint"]), envs, heldout_seeds(2))["button-press-topdown-v3"]
+            assert recorded["episodes"] == 2 and recorded["successes"] == again["successes"]
+            assert recorded["mean_steps"] == again["mean_steps"], s["label"]
+    finally:
+        for e in envs:
+            e.close()
     assert (tmp_path / "success_rate.png").stat().st_size > 1000
     assert (tmp_path / "videos" / "stage0_sft.mp4").stat().st_size > 0
     # Every stage left a loadable checkpoint; `latest` is the last one, tagged with its stage.
@@ -43,6 +58,17 @@ def test_one_iteration_end_to_end(tmp_path):
     ppo = on_disk["stages"][1]["train"]["updates"]
     assert len(ppo) == 2 and all(np.isfinite(u["v_loss"]) for u in ppo)
     assert "stage0_sft" in success_table(results)
+
+
+def test_one_iteration_end_to_end_with_sac(tmp_path):
+    """Stage 1 as SACfD: the expert demos fill its demo buffer; Stage 2 then fits the tanh head."""
+    cfg = load_iterate_config(None, TINY | TINY_SAC | {"stage1.algo": "sac"})
+    results = IterationRunner(cfg, tmp_path, progress=False).run()
+    assert [s["label"] for s in results["stages"]] == ["stage0_sft", "iter1_stage1_sac", "iter1_stage2_sft"]
+    s1 = results["stages"][1]["train"]
+    assert s1["demo_transitions"] > 0 and s1["critic_updates"] == 5 + 8  # pre-training + 32 steps x 0.25
+    final = load_checkpoint(results["stages"][-1]["checkpoint"])
+    assert final.cfg.action_squash == "tanh"  # Stage 2 kept the SAC head's action mapping
 
 
 def _policy_episodes(policy, root, n=2, steps=12, succeed_first=True):
@@ -76,7 +102,7 @@ def test_offline_iteration_on_recorded_episodes(tmp_path, caplog):
     (episodes / "teleop" / "broken.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     (episodes / "teleop" / "crashed.h5.partial").write_bytes(b"partial")
     cfg = load_iterate_config(None, {"device": "cpu", "torch_threads": 1, "sft.steps": 5, "sft.batch_size": 8,
-                                     "ppo.update_epochs": 1, "ppo.minibatch_size": 8})
+                                     "ppo.update_epochs": 1, "ppo.minibatch_size": 8} | TINY_SAC)
     progress = []
     first = run_offline_iteration(cfg, episodes, ckpts, report=lambda *a: progress.append(a))
     assert read_metadata(first)["iteration"] == 0 and progress[0][0] == "stage0"
@@ -90,6 +116,9 @@ def test_offline_iteration_on_recorded_episodes(tmp_path, caplog):
     second = run_offline_iteration(cfg, episodes, ckpts, report=lambda *a: progress.append(a))
     meta = read_metadata(second)
     assert meta["iteration"] == 1 and len(meta["consumed_online"]) == 2
+    assert meta["stage1"]["algo"] == "sac"  # the default Stage 1 on the robot
+    assert meta["stage1"]["online_transitions"] == 2 * 12 - 1  # the failed episode's last step has no next frame
+    assert meta["stage1"]["critic_updates"] == 5 + 6
     assert {p[0] for p in progress} >= {"stage0", "stage1", "stage2"}
     assert resolve_checkpoint(ckpts) == second
     with pytest.raises(NothingToTrain):

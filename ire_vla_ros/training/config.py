@@ -6,6 +6,8 @@ from pathlib import Path
 
 import yaml
 
+from .sac import SACConfig
+
 
 @dataclass
 class EnvConfig:
@@ -93,6 +95,21 @@ def success_bonus(cfg: PPOConfig) -> float:
     return 1.0
 
 
+STAGE1_ALGOS = ("sac", "ppo")
+
+
+@dataclass
+class Stage1Config:
+    """Which RL algorithm Stage 1 runs: "sac" (SAC from demonstrations on cached latents, the
+    paper's real-robot recipe; `sac:` section) or "ppo" (the paper's sim recipe; `ppo:` section)."""
+
+    algo: str = "sac"
+
+    def __post_init__(self):
+        if self.algo not in STAGE1_ALGOS:
+            raise ValueError(f"stage1.algo must be one of {STAGE1_ALGOS}, got {self.algo!r}")
+
+
 @dataclass
 class EvalConfig:
     episodes_per_task: int = 20
@@ -112,7 +129,9 @@ class IterateConfig:
     collect: CollectConfig = field(default_factory=CollectConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     stage2_sft: SFTConfig | None = None  # defaults to `sft` when unset
+    stage1: Stage1Config = field(default_factory=Stage1Config)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    sac: SACConfig = field(default_factory=SACConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:

@@ -1,6 +1,8 @@
 """`ire-vla iterate` / `ire-vla demo`: the whole iRe-VLA loop in Metaworld.
 
-collect expert demos -> Stage 0 SFT -> eval -> K x (Stage 1 PPO (frozen VLM) -> eval -> Stage 2 SFT -> eval)
+collect expert demos -> Stage 0 SFT -> eval -> K x (Stage 1 (frozen VLM) -> eval -> Stage 2 SFT -> eval)
+Stage 1 is SACfD on cached latents with the expert demos in its demo buffer (`stage1.algo: sac`) or
+PPO (`stage1.algo: ppo`).
 Every stage writes a checkpoint; the results JSON, a success-rate plot and evaluation videos land in
 the output directory.
 """
@@ -22,7 +24,7 @@ from ..vla.checkpoint import resolve_device, save_checkpoint
 from . import tb
 from .config import IterateConfig
 from .rollout import evaluate, make_envs
-from .stages import new_policy, stage0_sft, stage1_ppo_sim, stage2_sft
+from .stages import new_policy, stage0_sft, stage1_ppo_sim, stage1_sac_sim, stage2_sft
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +103,23 @@ class IterationRunner:
         stats = stage0_sft(policy, expert_paths, cfg.sft, progress=self.progress)
         self.record("stage0_sft", "sft", 0, policy, self.evaluate(policy, "stage0_sft"), stats, time.time() - t)
 
+        algo = cfg.stage1.algo
         for k in range(1, cfg.iterations + 1):
             t = time.time()
-            envs = make_envs(cfg.tasks, max(1, cfg.ppo.num_envs // len(cfg.tasks)), cfg.env)
+            num_envs = (cfg.sac if algo == "sac" else cfg.ppo).num_envs
+            envs = make_envs(cfg.tasks, max(1, num_envs // len(cfg.tasks)), cfg.env)
             try:
-                stats = stage1_ppo_sim(policy, envs, cfg.ppo, episode_root=self.episodes / f"rl_iter{k}",
-                                       iteration=k, progress=self.progress,
-                                       seed_start=1000 * k)
+                if algo == "sac":  # the expert demos are SACfD's demo buffer (latents recomputed: LoRA moved)
+                    stats = stage1_sac_sim(policy, envs, expert_paths, cfg.sac, episode_root=self.episodes / f"rl_iter{k}",
+                                           iteration=k, progress=self.progress, seed_start=1000 * k)
+                else:
+                    stats = stage1_ppo_sim(policy, envs, cfg.ppo, episode_root=self.episodes / f"rl_iter{k}",
+                                           iteration=k, progress=self.progress, seed_start=1000 * k)
             finally:
                 for env in envs:
                     env.close()
-            self.record(f"iter{k}_stage1_ppo", "rl", k, policy, self.evaluate(policy, f"iter{k}_stage1_ppo"),
-                        stats, time.time() - t)
+            label = f"iter{k}_stage1_{algo}"
+            self.record(label, "rl", k, policy, self.evaluate(policy, label), stats, time.time() - t)
 
             t = time.time()
             online = scan_episodes(self.episodes, sources=["rl"], successful_only=True).episodes

@@ -2,9 +2,11 @@
 
 What runs depends on what exists:
 - no checkpoint yet (none in the root, no --init): Stage 0 SFT on the teleop episodes;
-- a checkpoint and policy/rl episodes it has not consumed yet: Stage 1 PPO on those episodes
-  (VLM frozen, features computed once per frame), then Stage 2 SFT on teleop + all successful
-  online episodes; the new checkpoint's iteration is the old one + 1;
+- a checkpoint and policy/rl episodes it has not consumed yet: Stage 1 with the VLM frozen
+  (features computed once per frame), then Stage 2 SFT on teleop + all successful online episodes;
+  the new checkpoint's iteration is the old one + 1. Stage 1 is SACfD by default (`stage1.algo:
+  sac`: many gradient steps over the teleop demos + *all* policy episodes so far, latents fp16 in
+  bounded buffers) or one PPO update on the new episodes (`stage1.algo: ppo`, on-policy data only);
 - a checkpoint but no new online episodes: an error saying to record policy episodes first.
 
 The checkpoint's metadata lists the online episodes it consumed, so running twice never trains on
@@ -18,7 +20,7 @@ from pathlib import Path
 from ..episodes.store import read_episode, scan_episodes
 from ..vla.checkpoint import CheckpointError, load_checkpoint, read_metadata, resolve_checkpoint, resolve_device, save_checkpoint
 from .config import IterateConfig
-from .stages import _noop, new_policy, stage0_sft, stage1_ppo_offline, stage2_sft
+from .stages import _noop, new_policy, stage0_sft, stage1_ppo_offline, stage1_sac_offline, stage2_sft
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,13 @@ def run_offline_iteration(cfg: IterateConfig, episodes: Path, ckpt_root: Path, *
         raise NothingToTrain(f"checkpoint {base.name} has consumed every policy episode: record new policy episodes first")
     policy = load_checkpoint(base, device=device)
     iteration = int(meta.get("iteration", 0)) + 1
-    report("stage1", 0.0, f"Stage 1 PPO on {len(new_online)} new policy episodes (VLM frozen)")
-    s1 = stage1_ppo_offline(policy, new_online, cfg.ppo, report=report)
+    if cfg.stage1.algo == "sac":  # off-policy: every policy episode so far is usable data
+        report("stage1", 0.0, f"Stage 1 SACfD on {len(expert)} teleop + {len(online_all)} policy episodes (VLM frozen)")
+        s1 = stage1_sac_offline(policy, expert, online_all, cfg.sac, report=report)
+    else:
+        report("stage1", 0.0, f"Stage 1 PPO on {len(new_online)} new policy episodes (VLM frozen)")
+        s1 = stage1_ppo_offline(policy, new_online, cfg.ppo, report=report)
+    s1["algo"] = cfg.stage1.algo
     successful = scan_episodes(episodes, sources=["policy", "rl"], successful_only=True).episodes
     report("stage2", 0.0, f"Stage 2 SFT on {len(expert)} teleop + {len(successful)} successful online episodes")
     s2 = stage2_sft(policy, expert, successful, cfg.stage2_sft or cfg.sft, progress=progress)

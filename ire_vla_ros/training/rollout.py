@@ -1,4 +1,4 @@
-"""Running the policy in simulated environments: PPO rollouts and evaluation.
+"""Running the policy in simulated environments: PPO and SAC rollouts, and evaluation.
 
 Several environments step in lock-step so the backbone runs once per step for all of them (one
 batched forward); during Stage 1 its features go straight into the `FrozenFeatureCache`.
@@ -131,6 +131,88 @@ class RolloutCollector:
             timeout_values=timeout_values.to(dev), last_values=torch.as_tensor(last.values, device=dev),
             images=np.stack(images) if keep_images else None, instructions=texts if keep_images else None,
         )
+
+    def _finish_episode(self, i: int, env, success: bool) -> None:
+        rec = self.records[i]
+        self.episodes_done += 1
+        self.successes += int(success)
+        self.recent.append((env.task, success))
+        if success and self.cfg.keep_successful and self.episode_root is not None:
+            self.saved.append(write_episode(self.episode_root, env, rec, source="rl", success=True,
+                                            iteration=self.iteration))
+        self.records[i] = EpisodeRecord()
+
+
+class SACCollector:
+    """Steps N envs with the tanh policy's stochastic actions and adds each transition to a
+    `LatentReplay` right away: every observation goes through the frozen backbone exactly once
+    (its latent is the next latent of one transition and the latent the next action is chosen
+    from). Successful episodes are written to the store for Stage 2."""
+
+    def __init__(self, envs, cfg, *, seed_start: int | None = None, episode_root: Path | None = None,
+                 iteration: int = 0):
+        from ..sim.metaworld_env import HELDOUT_SEED_OFFSET
+
+        self.envs, self.cfg = envs, cfg
+        start = seed_start if seed_start is not None else 1000
+        self.seeds = (s % HELDOUT_SEED_OFFSET for s in itertools.count(start))
+        self.episode_root, self.iteration = episode_root, iteration
+        self.obs = [env.reset(seed=next(self.seeds)) for env in envs]
+        self.records = [EpisodeRecord() for _ in envs]
+        self.latents: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.episodes_done = 0
+        self.successes = 0
+        self.saved: list[Path] = []
+        self.recent: list[tuple[str, bool]] = []
+
+    @torch.no_grad()
+    def _encode(self, policy: VLAPolicy, obs: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return policy.encode(np.stack([o.image for o in obs]), [o.instruction for o in obs])
+
+    @torch.no_grad()
+    def step(self, policy: VLAPolicy, replay, tag: str) -> int:
+        """One decision in every env; returns the number of transitions added (= number of envs)."""
+        from .sac import episode_rewards
+
+        cfg = self.cfg
+        policy.eval()
+        if self.latents is None:
+            self.latents = self._encode(policy, self.obs)
+        hidden, mask = self.latents
+        states = np.stack([o.state for o in self.obs])
+        state_n = policy.normalize_state(states)
+        dist = policy.distribution(hidden, mask, state_n)
+        a_n = policy.deterministic_action(dist.sample())
+        behaviour = policy.deterministic_action(dist.mean)
+        actions = policy.unnormalize_action(a_n).cpu().numpy().astype(np.float32)
+        next_obs, rewards, dones, resets = [], [], [], {}
+        for i, env in enumerate(self.envs):
+            obs, dense, terminated, truncated, info = env.step(actions[i])
+            success = bool(info.get("success", False))
+            rewards.append(float(episode_rewards(np.array([dense]), success, cfg)[0]))
+            dones.append(1.0 if terminated else 0.0)  # truncation is not terminal: it bootstraps
+            rec = self.records[i]
+            rec.images.append(self.obs[i].image)
+            rec.states.append(self.obs[i].state)
+            rec.actions.append(actions[i])
+            rec.rewards.append(rewards[-1])
+            next_obs.append(obs)
+            if terminated or truncated:
+                self._finish_episode(i, env, success)
+                resets[i] = env.reset(seed=next(self.seeds))
+        next_hidden, next_mask = self._encode(policy, next_obs)
+        replay.add(hidden=hidden, mask=mask, state=state_n, action=a_n, reward=torch.tensor(rewards),
+                   done=torch.tensor(dones), next_hidden=next_hidden, next_mask=next_mask,
+                   next_state=policy.normalize_state(np.stack([o.state for o in next_obs])),
+                   behaviour_action=behaviour, tag=tag)
+        self.obs = [resets.get(i, o) for i, o in enumerate(next_obs)]
+        if resets:
+            idx = sorted(resets)
+            h, m = self._encode(policy, [resets[i] for i in idx])
+            next_hidden, next_mask = next_hidden.clone(), next_mask.clone()
+            next_hidden[idx], next_mask[idx] = h, m
+        self.latents = (next_hidden, next_mask)
+        return len(self.envs)
 
     def _finish_episode(self, i: int, env, success: bool) -> None:
         rec = self.records[i]

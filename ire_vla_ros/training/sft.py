@@ -64,7 +64,8 @@ def random_shift(images: np.ndarray, pad: int, rng: np.random.Generator) -> np.n
 
 def sft_loss(policy: VLAPolicy, images, states, actions, instructions) -> torch.Tensor:
     hidden, mask = policy.encode(images, instructions)
-    mean = policy.actor(hidden, mask, policy.normalize_state(states))
+    # MSE on the deterministic action (the mean, or its tanh image for a SAC-trained head).
+    mean = policy.deterministic_action(policy.actor(hidden, mask, policy.normalize_state(states)))
     return torch.nn.functional.mse_loss(mean, policy.normalize_action(actions))
 
 

@@ -3,10 +3,24 @@
 The policy works in a normalized action space (zero mean, unit std over the expert data); the
 statistics live in buffers saved with the checkpoint, and `act()` returns actions in the
 environment's units, clipped to the action spec.
+
+Two ways to map the head's Gaussian onto the bounded action box (`PolicyConfig.action_squash`):
+- "clip" (Stage 0 and PPO): the head's output is the mean action; a sample beyond a bound is
+  clipped, and `log_prob` accounts for the clipping (tail mass).
+- "tanh" (SAC): the head's output u is pre-squash; the action is c + h * tanh(u) with c, h the
+  centre and half-width of the normalized box, and `log_prob` is the change-of-variables density
+  of y = tanh(u) in the unit box (the coordinates SAC's target entropy -|A|/2 refers to).
+  The deterministic action is c + h * tanh(mean): the per-dimension median of the squashed
+  distribution (tanh is monotone), and what Stage 0/2's MSE fits (`deterministic_action`).
+  So Stage 2 regresses the policy's median action onto the demonstrated one and leaves the
+  exploration noise (log_std) untouched; SAC changes both.
 """
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +29,14 @@ from torch import nn
 from .action_spec import ActionSpec
 from .backbone import BackboneConfig, VLMBackbone, build_backbone
 from .heads import CriticHead, GaussianActionHead
+
+
+ACTION_SQUASH = ("clip", "tanh")
+HEAD_SNAPSHOT_FORMAT = "ire_vla_head/1"
+
+
+class HeadSnapshotError(ValueError):
+    """A head snapshot that does not fit this policy (shapes, keys, format) or cannot be read."""
 
 
 @dataclass
@@ -31,7 +53,12 @@ class PolicyConfig:
     # "all-linear" for the tiny preset (random init needs capacity everywhere); for a pretrained
     # BLIP-2 use the language model's attention, e.g. ".*language_model.*\\.(q_proj|v_proj)".
     lora_target_modules: str | list[str] = "all-linear"
+    action_squash: str = "clip"  # "clip" (Stage 0, PPO) or "tanh" (SAC): see the module docstring
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.action_squash not in ACTION_SQUASH:
+            raise ValueError(f"action_squash must be one of {ACTION_SQUASH}, got {self.action_squash!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -164,7 +191,33 @@ class VLAPolicy(nn.Module):
         high = (self._action_high.to(self.device) - self.action_mean) / self.action_std
         return low, high
 
+    def squash_box(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centre c and half-width h of the normalized action box: a_n = c + h * y, y in [-1, 1]."""
+        low, high = self.normalized_bounds()
+        return (high + low) / 2, (high - low) / 2
+
+    def deterministic_action(self, head_out: torch.Tensor) -> torch.Tensor:
+        """The head's output -> the normalized action executed without noise (what SFT's MSE fits)."""
+        if self.cfg.action_squash == "tanh":
+            c, h = self.squash_box()
+            return c + h * torch.tanh(head_out)
+        return head_out
+
+    def squashed_sample(self, dist: torch.distributions.Normal) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reparameterized sample of the tanh policy: (normalized action, log-prob in the unit box)."""
+        u = dist.rsample()
+        c, h = self.squash_box()
+        return c + h * torch.tanh(u), squashed_log_prob(dist, u)
+
     def log_prob(self, dist: torch.distributions.Normal, a_n: torch.Tensor) -> torch.Tensor:
+        """Log-likelihood of a normalized action under this policy's squash (see module docstring)."""
+        if self.cfg.action_squash == "tanh":
+            c, h = self.squash_box()
+            y = ((a_n - c) / h).clamp(-1 + 1e-6, 1 - 1e-6)
+            return squashed_log_prob(dist, torch.atanh(y))
+        return self.clipped_log_prob(dist, a_n)
+
+    def clipped_log_prob(self, dist: torch.distributions.Normal, a_n: torch.Tensor) -> torch.Tensor:
         """Log-likelihood of the action the robot executes, summed over dimensions.
 
         Actions are clipped to the action spec before execution, so a sample beyond a bound
@@ -190,8 +243,13 @@ class VLAPolicy(nn.Module):
         hidden, mask = self.encode(images, instructions)
         state_n = self.normalize_state(states)
         dist = self.distribution(hidden, mask, state_n)
-        a_n = dist.mean if deterministic else dist.sample()
-        log_prob = self.log_prob(dist, a_n)
+        if self.cfg.action_squash == "tanh":
+            u = dist.mean if deterministic else dist.sample()
+            a_n = self.deterministic_action(u)
+            log_prob = squashed_log_prob(dist, u)
+        else:
+            a_n = dist.mean if deterministic else dist.sample()
+            log_prob = self.log_prob(dist, a_n)
         value = self.value(hidden, mask, state_n)
         actions = self.unnormalize_action(a_n)
         return BatchAct(
@@ -210,3 +268,85 @@ class VLAPolicy(nn.Module):
         out = self.act_batch(image[None], state[None], [instruction], deterministic)
         return ActResult(action=out.actions[0], log_prob=float(out.log_probs[0]), value=float(out.values[0]),
                          normalized_action=out.normalized[0])
+
+    # ------------------------------------------------------------------ head snapshots (online RL)
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        """Actor head + normalization: everything a head snapshot carries (no critic, no VLM)."""
+        out = {f"actor.{k}": v for k, v in self.actor.state_dict().items()}
+        out |= {f"norm.{b}": getattr(self, b) for b in ("action_mean", "action_std", "state_mean", "state_std")}
+        return {k: v.detach().to("cpu").clone().contiguous() for k, v in out.items()}
+
+    def save_head_snapshot(self, path: str | Path, metadata: dict | None = None) -> Path:
+        """Atomically writes the actor head + normalization as one safetensors file.
+
+        temp file in the same directory, fsync, rename, fsync the directory: a reader sees the
+        old file or the new one, never half of one.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        meta = {"format": HEAD_SNAPSHOT_FORMAT, "action_squash": self.cfg.action_squash,
+                "metadata": json.dumps(metadata or {}, default=str)}
+        try:
+            save_file(self.head_tensors(), str(tmp), metadata=meta)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path
+
+    def load_head_snapshot(self, path: str | Path) -> dict:
+        """Swaps in an actor head (and normalization) without touching the backbone.
+
+        Every tensor is checked against this policy's shapes before anything is copied, so a
+        snapshot that does not fit leaves the policy as it was (HeadSnapshotError). Safetensors
+        only. Returns the snapshot's metadata dict.
+        """
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise HeadSnapshotError(f"{path}: unreadable head snapshot ({type(e).__name__}: {e})") from e
+        if header.get("format") != HEAD_SNAPSHOT_FORMAT:
+            raise HeadSnapshotError(f"{path}: format {header.get('format')!r}, expected {HEAD_SNAPSHOT_FORMAT!r}")
+        squash = header.get("action_squash")
+        if squash not in ACTION_SQUASH:
+            raise HeadSnapshotError(f"{path}: action_squash {squash!r} not one of {ACTION_SQUASH}")
+        own = self.head_tensors()
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise HeadSnapshotError(f"{path}: keys do not fit this policy (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for k, v in tensors.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise HeadSnapshotError(f"{path}: {k} has shape {tuple(v.shape)}, this policy expects {tuple(own[k].shape)}")
+            if not torch.isfinite(v).all():
+                raise HeadSnapshotError(f"{path}: {k} holds non-finite values")
+        with torch.no_grad():
+            self.actor.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("actor.")})
+            self.set_normalization(*(tensors[f"norm.{b}"] for b in ("action_mean", "action_std", "state_mean", "state_std")))
+        self.cfg.action_squash = squash
+        try:
+            return json.loads(header.get("metadata", "{}"))
+        except json.JSONDecodeError:
+            return {}
+
+
+def squashed_log_prob(dist: torch.distributions.Normal, u: torch.Tensor) -> torch.Tensor:
+    """log density of y = tanh(u), u ~ dist, summed over dimensions (change of variables).
+
+    log p(y) = log N(u) - sum log(1 - tanh(u)^2), with log(1 - tanh(u)^2) written as
+    2 * (log 2 - u - softplus(-2u)) so it stays finite where tanh saturates.
+    """
+    log_det = 2.0 * (np.log(2.0) - u - torch.nn.functional.softplus(-2.0 * u))
+    return (dist.log_prob(u) - log_det).sum(-1)

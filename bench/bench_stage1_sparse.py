@@ -1,0 +1,170 @@
+"""Stage 1 with the paper's sparse reward: SACfD on cached latents vs PPO, from the same Stage 0.
+
+Per task: the same Stage 0 checkpoint, sparse reward (1 on success, episode ends on success), the
+same env-step budget for both algorithms, held-out evaluation (deterministic actions) at the start
+and every --eval-every steps: success-vs-steps curves. Optionally (--stage2) Stage 2 SFT on the
+demos + the Stage 1 successes, evaluated again, to see how much of each Stage 1 gain it keeps.
+Writes bench/results/<name>.json (machine load included) and <name>.png.
+
+Full run (the lead, quiet machine; ~30 min per task and algorithm on 2 cores):
+  python bench/bench_stage1_sparse.py --tasks button-press-topdown-v3 plate-slide-v3 drawer-open-v3 \\
+      --algos sac ppo --env-steps 16384 --eval-every 4096 --eval-episodes 40 --stage2
+Smoke (< 1 min): --tasks button-press-topdown-v3 --algos sac --env-steps 64 --eval-episodes 2 \\
+      --demos 2 --set sac.critic_pretrain_steps=5 --set sac.distill_steps=5 --name smoke
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine, write_result  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "metaworld_tiny", help="Stage 0 checkpoint")
+    ap.add_argument("--config", type=Path, default=ROOT / "config" / "demo.yaml", help="env, SFT, PPO and SAC settings")
+    ap.add_argument("--tasks", nargs="+", default=["button-press-topdown-v3", "plate-slide-v3", "drawer-open-v3"])
+    ap.add_argument("--algos", nargs="+", default=["sac", "ppo"], choices=["sac", "ppo"])
+    ap.add_argument("--env-steps", type=int, default=16384, help="Stage 1 decisions per task and algorithm")
+    ap.add_argument("--eval-every", type=int, default=4096)
+    ap.add_argument("--eval-episodes", type=int, default=40)
+    ap.add_argument("--demos", type=int, default=20, help="expert demos per task (SAC's demo buffer, Stage 2's expert set)")
+    ap.add_argument("--stage2", action="store_true", help="run Stage 2 after each Stage 1 and evaluate it")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. sac.utd=2")
+    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_stage1_sparse", help="demos and episodes")
+    ap.add_argument("--name", default="stage1_sparse_sac_vs_ppo")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    from ire_vla_ros.sim.collect import collect_expert_episodes
+    from ire_vla_ros.sim.metaworld_env import heldout_seeds
+    from ire_vla_ros.training.config import load_iterate_config, parse_override
+    from ire_vla_ros.training.rollout import evaluate, make_envs
+    from ire_vla_ros.training.stages import stage1_ppo_sim, stage1_sac_sim, stage2_sft
+    from ire_vla_ros.vla.checkpoint import load_checkpoint, resolve_checkpoint
+
+    overrides = dict(parse_override(s) for s in args.set)
+    overrides |= {"ppo.reward": "sparse", "sac.reward": "sparse"}  # the paper's reward, for both
+    cfg = load_iterate_config(args.config, overrides)
+    torch.set_num_threads(args.threads)
+    ckpt = resolve_checkpoint(args.checkpoint)
+    seeds = heldout_seeds(args.eval_episodes)
+    out = {"checkpoint": str(ckpt), "env_steps": args.env_steps, "eval_seeds": [seeds[0], seeds[-1]],
+           "eval_episodes": args.eval_episodes, "demos": args.demos, "overrides": args.set,
+           "sac": dataclasses.asdict(cfg.sac), "ppo": dataclasses.asdict(cfg.ppo), "env": dataclasses.asdict(cfg.env),
+           "machine": machine(), "tasks": {}}
+    t_all = time.perf_counter()
+    for task in args.tasks:
+        work = args.work / task
+        demo_paths = collect_expert_episodes(task, args.demos, work / "demos", seed0=0, noise_std=cfg.collect.noise_std,
+                                             image_size=cfg.env.image_size, camera=cfg.env.camera,
+                                             max_episode_steps=cfg.env.max_episode_steps,
+                                             action_repeat=cfg.env.action_repeat, progress=False,
+                                             only_successful=True) if not (work / "demos").is_dir() else \
+            sorted((work / "demos").glob("*.h5"))[: args.demos]
+        eval_envs = make_envs([task], 2, cfg.env)
+
+        def eval_fn(policy, _envs=eval_envs, _task=task):
+            r = evaluate(policy, _envs, seeds)[_task]
+            print(f"[{_task}] held-out success {r['success_rate']:.2f} ({time.strftime('%H:%M:%S')})", flush=True)
+            return {"success_rate": r["success_rate"], "successes": r["successes"], "episodes": r["episodes"]}
+
+        def report(stage, fraction, message, _task=task):
+            print(f"[{_task}] {stage} {message}", flush=True)
+
+        entry = {"stage0": eval_fn(load_checkpoint(ckpt)), "algos": {}}
+        print(f"[{task}] Stage 0: {entry['stage0']['success_rate']:.2f}", flush=True)
+        for algo in args.algos:
+            policy = load_checkpoint(ckpt)
+            torch.manual_seed(0)
+            envs = make_envs([task], (cfg.sac if algo == "sac" else cfg.ppo).num_envs, cfg.env)
+            ep_root = work / f"{algo}_episodes"
+            load0, t = os.getloadavg()[0], time.perf_counter()
+            try:
+                if algo == "sac":
+                    sac = dataclasses.replace(cfg.sac, total_env_steps=args.env_steps)
+                    stats = stage1_sac_sim(policy, envs, demo_paths, sac, episode_root=ep_root, iteration=1,
+                                           progress=False, eval_fn=eval_fn, eval_every=args.eval_every, report=report)
+                else:
+                    ppo = dataclasses.replace(cfg.ppo, total_env_steps=args.env_steps)
+                    stats = stage1_ppo_sim(policy, envs, ppo, episode_root=ep_root, iteration=1, progress=False,
+                                           eval_fn=eval_fn, eval_every=args.eval_every, report=report)
+            finally:
+                for e in envs:
+                    e.close()
+            res = {"seconds": round(time.perf_counter() - t, 1), "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],
+                   "curve": stats["curve"], "final": stats["curve"][-1], "train_episodes": stats["episodes"],
+                   "train_successes": stats["successes"],
+                   "train_log": [{k: u[k] for k in u if k in ("env_steps", "train_success_rate", "q_mean", "alpha",
+                                                              "bc_weight", "critic_loss", "v_loss")} for u in stats["updates"]]}
+            res["gain"] = res["final"]["success_rate"] - entry["stage0"]["success_rate"]
+            print(f"[{task}] {algo}: {res['final']['success_rate']:.2f} ({res['gain']:+.2f}) in {res['seconds']:.0f}s", flush=True)
+            if args.stage2:
+                t = time.perf_counter()
+                s2 = stage2_sft(policy, demo_paths, stats["saved_episodes"], cfg.stage2_sft or cfg.sft, progress=False)
+                res["stage2"] = {**eval_fn(policy), "seconds": round(time.perf_counter() - t, 1),
+                                 "online_episodes": len(stats["saved_episodes"]), "loss_last": s2["loss_last"]}
+                gain = res["gain"]
+                res["stage2"]["kept_fraction_of_gain"] = (
+                    (res["stage2"]["success_rate"] - entry["stage0"]["success_rate"]) / gain if gain > 0 else None)
+                print(f"[{task}] {algo} + Stage 2: {res['stage2']['success_rate']:.2f}", flush=True)
+            entry["algos"][algo] = res
+            out["tasks"][task] = entry
+            write_result(args.name, {**out, "total_seconds": round(time.perf_counter() - t_all, 1),
+                                     "loadavg_end": os.getloadavg()})
+        for e in eval_envs:
+            e.close()
+    out["total_seconds"] = round(time.perf_counter() - t_all, 1)
+    out["loadavg_end"] = os.getloadavg()
+    write_result(args.name, out)
+    plot(out, RESULTS / f"{args.name}.png")
+    return 0
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(out["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        entry = out["tasks"][task]
+        for algo, res in entry["algos"].items():
+            x = [c["env_steps"] for c in res["curve"]]
+            y = np.array([c["success_rate"] for c in res["curve"]])
+            n = np.array([max(c["episodes"], 1) for c in res["curve"]])
+            ax.errorbar(x, y, yerr=np.sqrt(y * (1 - y) / n), marker="o", capsize=3, label=algo.upper())
+            if "stage2" in res:
+                ax.plot([x[-1]], [res["stage2"]["success_rate"]], marker="*", markersize=12, linestyle="none",
+                        label=f"{algo.upper()} + Stage 2")
+        ax.axhline(entry["stage0"]["success_rate"], color="gray", linestyle="--", label="Stage 0")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("env steps (decisions)")
+        ax.set_ylim(0, 1.05)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(f"held-out success ({out['eval_episodes']} ep., ±1 s.e.)")
+    fig.suptitle("Stage 1 with sparse reward: SACfD vs PPO from the same Stage 0")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"written: {path}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

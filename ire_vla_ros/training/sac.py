@@ -1,0 +1,529 @@
+"""Stage 1 as SAC from demonstrations (SACfD) on cached frozen-VLM latents.
+
+The iRe-VLA paper's real-robot Stage 1 (SERL set-up): the VLM is frozen, every frame goes through it
+once, and RL runs on the stored latents. Batches are drawn half from a demo buffer (teleop episodes)
+and half from an online buffer (the policy's own transitions), as RLPD / SERL / HIL-SERL do.
+
+- Actor: the policy's own token-learner + MLP head as a tanh-squashed Gaussian
+  (`VLAPolicy.squashed_sample`, `action_squash="tanh"`; see `vla/policy.py` for how Stage 2's MSE
+  relates to it). A Stage 0 head trained with the "clip" mapping is first distilled onto the tanh
+  mapping (`distill_to_tanh`) so SAC starts from the Stage 0 behaviour.
+- Critic: a fresh token learner over the same latents (initialised from the actor's pooling by
+  default, a measured choice: see README) feeding an ensemble of LayerNorm MLPs with one output
+  layer per member; the TD target is the min over 2 random members (RLPD), the actor maximises the
+  ensemble mean.
+- Sparse reward (1 on success; the episode ends on success) by default. Terminal mask: only a
+  success ends the bootstrap; a time-limit truncation is *not* done (hil-serl#49).
+- What made it learn at this scale (sacfd-facts.md: a fresh critic + plain SAC collapsed the
+  policy): critic pre-training on the demos with the TD target floored by the Monte-Carlo return
+  (Cal-QL's calibration), and a behaviour regulariser in the actor loss (MSE to the demo action on
+  the demo half, to the collecting policy's action on the online half), TD3+BC style, annealed.
+
+Each loss is one function (`critic_loss`, `actor_loss`, `temperature_loss`), like LeRobot's
+modeling_sac.py; `SACLearner` holds the networks and optimizers and runs updates.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..vla.heads import TokenLearner
+from ..vla.policy import VLAPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SACConfig:
+    """SACfD hyperparameters. Sourced defaults: ../shared/notes/sacfd-facts.md (RLPD/SERL/HIL-SERL)."""
+
+    total_env_steps: int = 16_384  # policy decisions in simulation (all envs together)
+    num_envs: int = 8
+    batch_size: int = 256
+    demo_fraction: float = 0.5  # share of each batch drawn from the demo buffer
+    buffer_bytes: int = 2 << 30  # online buffer capacity in bytes (fp16 latents), see bytes_per_transition
+    demo_buffer_bytes: int = 2 << 30
+    num_critics: int = 10  # RLPD / SERL
+    target_critics: int = 2  # TD target: min over this many random members
+    critic_hidden: int = 256
+    critic_pool_init: str = "actor"  # "actor": start the critic's token learner from the actor's; "random"
+    lr_actor: float = 3e-4
+    lr_critic: float = 3e-4
+    lr_temperature: float = 3e-4
+    init_temperature: float = 0.01  # SERL / HIL-SERL
+    target_entropy: float | None = None  # None: -|A| / 2
+    backup_entropy: bool = False  # entropy term in the TD target (SERL: no)
+    tau: float = 0.005
+    gamma: float = 0.97
+    utd: float = 1.0  # critic updates per collected transition
+    critic_actor_ratio: int = 2  # critic updates per actor update (HIL-SERL: 2)
+    grad_clip: float = 10.0
+    learning_starts: int = 0  # online transitions before updates start (the demo buffer is full already)
+    init_log_std: float = -1.0  # exploration noise (pre-squash units) at the start of Stage 1
+    # Making it learn on small data (see module docstring):
+    distill_steps: int = 300  # clip head -> tanh head, on the demo latents (0 if the head is tanh already)
+    critic_pretrain_steps: int = 1000  # critic-only updates on the demo buffer before any rollout
+    mc_lower_bound: bool = True  # floor demo TD targets with their Monte-Carlo return (Cal-QL)
+    bc_weight: float = 0.4  # behaviour regulariser weight (TD3+BC's alpha = 2.5 -> 1/2.5)
+    bc_weight_final: float = 0.1  # annealed linearly to this over bc_anneal_updates actor updates
+    bc_anneal_updates: int = 4000
+    normalize_actor_q: bool = True  # divide the actor's Q term by mean |Q| (TD3+BC)
+    reward: str = "sparse"  # "sparse": 1 on success (the paper); "dense": Metaworld's shaped reward
+    dense_reward_scale: float = 0.1
+    keep_successful: bool = True  # write successful episodes to the store for Stage 2
+    offline_updates: int = 3000  # `train offline`: gradient steps over demos + all policy episodes
+    seed: int = 0
+
+    def resolved_target_entropy(self, action_dim: int) -> float:
+        return float(self.target_entropy) if self.target_entropy is not None else -action_dim / 2.0
+
+
+# ============================================================================ latent replay
+def bytes_per_transition(tokens: int, width: int, state_dim: int, action_dim: int) -> int:
+    """Bytes one stored transition takes in `LatentReplay`.
+
+    latent + next latent (fp16, tokens x width each), their masks (bool), state + next state,
+    action, the behaviour policy's deterministic action, reward, done, Monte-Carlo return (fp32).
+    E.g. (see test_sac.py):
+    - tiny preset (8 query + 16 text tokens, d=64, 9 joints, 4-D action): 6,308 B;
+    - BLIP-2 OPT-2.7B-sized latent (32 query + 16 text tokens, d=2560, 7 joints, 7-D action):
+      491,740 B (~480 KiB), so 1 GiB holds 2,183 transitions and 20 demos x 50 steps take ~0.5 GB.
+    """
+    latent = 2 * (tokens * width * 2 + tokens)  # fp16 hidden + bool mask, obs and next obs
+    return latent + 4 * (2 * state_dim + 2 * action_dim + 3)
+
+
+class StaleLatents(RuntimeError):
+    """Latents from another backbone (checkpoint/LoRA) than the buffer holds: recompute them."""
+
+
+def backbone_tag(policy: VLAPolicy) -> str:
+    """A hash of what the latents depend on: backbone config and LoRA weights (base VLM is fixed)."""
+    h = hashlib.sha256(json.dumps(policy.cfg.backbone.to_dict(), sort_keys=True, default=str).encode())
+    for name, p in sorted((n, p) for n, p in policy.backbone.named_parameters() if "lora_" in n):
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class LatentReplay:
+    """Ring buffer of transitions in latent space; capacity given in bytes.
+
+    Latents are stored in fp16 (what the frozen backbone produced, halved), tagged with the backbone
+    they came from: adding latents of another tag raises `StaleLatents` (after Stage 2 changes
+    LoRA, the owner clears the buffer and re-encodes its episode files).
+    """
+
+    def __init__(self, capacity_bytes: int, tokens: int, width: int, state_dim: int, action_dim: int, tag: str):
+        self.bytes_per_transition = bytes_per_transition(tokens, width, state_dim, action_dim)
+        self.capacity = int(capacity_bytes // self.bytes_per_transition)
+        if self.capacity < 1:
+            raise ValueError(f"buffer of {capacity_bytes} B holds no transition of {self.bytes_per_transition} B")
+        C = self.capacity
+        self.tokens, self.width, self.tag = tokens, width, tag
+        # empty, not zeros: pages of a large buffer become resident only as transitions arrive.
+        self.hidden = torch.empty(C, tokens, width, dtype=torch.float16)
+        self.next_hidden = torch.empty(C, tokens, width, dtype=torch.float16)
+        self.mask = torch.zeros(C, tokens, dtype=torch.bool)
+        self.next_mask = torch.zeros(C, tokens, dtype=torch.bool)
+        self.state = torch.zeros(C, state_dim)
+        self.next_state = torch.zeros(C, state_dim)
+        self.action = torch.zeros(C, action_dim)
+        self.behaviour_action = torch.zeros(C, action_dim)  # deterministic action of the collecting policy
+        self.reward = torch.zeros(C)
+        self.done = torch.zeros(C)
+        self.mc_return = torch.zeros(C)  # Monte-Carlo return-to-go; -inf where unknown
+        self.size = 0
+        self.pos = 0
+        self.added = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (
+            self.hidden, self.next_hidden, self.mask, self.next_mask, self.state, self.next_state,
+            self.action, self.behaviour_action, self.reward, self.done, self.mc_return))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _fit(self, h: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if h.shape[1] > self.tokens or h.shape[2] != self.width:
+            raise ValueError(f"latent of shape {tuple(h.shape[1:])} does not fit the buffer's ({self.tokens}, {self.width})")
+        pad = self.tokens - h.shape[1]
+        if pad:
+            h = nn.functional.pad(h, (0, 0, 0, pad))
+            m = nn.functional.pad(m, (0, pad))
+        return h, m
+
+    def add(self, *, hidden, mask, state, action, reward, done, next_hidden, next_mask, next_state,
+            behaviour_action, mc_return=None, tag: str) -> None:
+        """Adds a batch of B transitions (tensors with a leading batch dimension)."""
+        if tag != self.tag:
+            raise StaleLatents(f"latents tagged {tag}, buffer holds {self.tag}: clear and re-encode")
+        hidden, mask = self._fit(hidden.detach(), mask.detach().bool())
+        next_hidden, next_mask = self._fit(next_hidden.detach(), next_mask.detach().bool())
+        B = hidden.shape[0]
+        if B > self.capacity:
+            raise ValueError(f"batch of {B} transitions exceeds the buffer capacity {self.capacity}")
+        idx = (self.pos + torch.arange(B)) % self.capacity
+        self.hidden[idx] = hidden.to("cpu", torch.float16)
+        self.next_hidden[idx] = next_hidden.to("cpu", torch.float16)
+        self.mask[idx] = mask.cpu()
+        self.next_mask[idx] = next_mask.cpu()
+        self.state[idx] = torch.as_tensor(state, dtype=torch.float32).cpu()
+        self.next_state[idx] = torch.as_tensor(next_state, dtype=torch.float32).cpu()
+        self.action[idx] = torch.as_tensor(action, dtype=torch.float32).cpu()
+        self.behaviour_action[idx] = torch.as_tensor(behaviour_action, dtype=torch.float32).cpu()
+        self.reward[idx] = torch.as_tensor(reward, dtype=torch.float32).cpu()
+        self.done[idx] = torch.as_tensor(done, dtype=torch.float32).cpu()
+        mc = torch.full((B,), -math.inf) if mc_return is None else torch.as_tensor(mc_return, dtype=torch.float32)
+        self.mc_return[idx] = mc.cpu()
+        self.pos = (self.pos + B) % self.capacity
+        self.size = min(self.size + B, self.capacity)
+        self.added += B
+
+    def clear(self, tag: str) -> None:
+        self.size = self.pos = 0
+        self.tag = tag
+
+    def sample(self, n: int, gen: torch.Generator, device) -> dict[str, torch.Tensor]:
+        idx = torch.randint(0, self.size, (n,), generator=gen)
+        out = {"hidden": self.hidden[idx].float(), "next_hidden": self.next_hidden[idx].float(),
+               "mask": self.mask[idx], "next_mask": self.next_mask[idx], "state": self.state[idx],
+               "next_state": self.next_state[idx], "action": self.action[idx],
+               "behaviour_action": self.behaviour_action[idx], "reward": self.reward[idx],
+               "done": self.done[idx], "mc_return": self.mc_return[idx]}
+        return {k: v.to(device) for k, v in out.items()}
+
+
+def sample_mixed(online: LatentReplay | None, demo: LatentReplay | None, batch_size: int, demo_fraction: float,
+                 gen: torch.Generator, device) -> dict[str, torch.Tensor]:
+    """One batch: `demo_fraction` of it from the demo buffer, the rest online (RLPD's 50/50)."""
+    n_demo = int(round(batch_size * demo_fraction)) if demo is not None and len(demo) else 0
+    if online is None or len(online) == 0:
+        n_demo = batch_size
+    parts, flags = [], []
+    if n_demo:
+        parts.append(demo.sample(n_demo, gen, device))
+        flags.append(torch.ones(n_demo, dtype=torch.bool))
+    if batch_size - n_demo:
+        parts.append(online.sample(batch_size - n_demo, gen, device))
+        flags.append(torch.zeros(batch_size - n_demo, dtype=torch.bool))
+    batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    batch["is_demo"] = torch.cat(flags).to(device)
+    return batch
+
+
+def episode_rewards(rewards: np.ndarray, success: bool, cfg: SACConfig) -> np.ndarray:
+    """Per-step reward of a recorded episode under the configured reward."""
+    T = len(rewards)
+    if cfg.reward == "sparse":
+        r = np.zeros(T, np.float32)
+    elif cfg.reward == "dense":
+        r = np.asarray(rewards, np.float32) * cfg.dense_reward_scale
+    else:
+        raise ValueError(f"sac.reward must be 'sparse' or 'dense', got {cfg.reward!r}")
+    if success:
+        r[-1] = 1.0 if cfg.reward == "sparse" else 10.0 * cfg.dense_reward_scale / (1.0 - cfg.gamma)
+    return r
+
+
+def discounted_returns(rewards: np.ndarray, gamma: float) -> np.ndarray:
+    out = np.zeros(len(rewards), np.float32)
+    g = 0.0
+    for t in reversed(range(len(rewards))):
+        g = rewards[t] + gamma * g
+        out[t] = g
+    return out
+
+
+@torch.no_grad()
+def add_episode(replay: LatentReplay, policy: VLAPolicy, episode, cfg: SACConfig, tag: str, batch_size: int = 64) -> int:
+    """Encodes a recorded episode once with the frozen backbone and adds its transitions.
+
+    Episodes end on success (terminal: done=1, no bootstrap) or at a time limit / operator stop
+    (not terminal; the last step has no recorded next frame, so it is dropped rather than
+    wrongly marked done). Returns the number of transitions added.
+    """
+    T = episode.n_steps
+    images = episode.images["main"] if "main" in episode.images else next(iter(episode.images.values()))
+    hs, ms = [], []
+    for s in range(0, T, batch_size):
+        h, m = policy.encode(images[s:s + batch_size], [episode.instruction] * len(images[s:s + batch_size]))
+        hs.append(h.to(torch.float16))
+        ms.append(m.bool())
+    width = max(h.shape[1] for h in hs)
+    hidden = torch.cat([nn.functional.pad(h, (0, 0, 0, width - h.shape[1])) for h in hs]).cpu()
+    mask = torch.cat([nn.functional.pad(m, (0, width - m.shape[1])) for m in ms]).cpu()
+    states = policy.normalize_state(episode.joint_positions)
+    behaviour = torch.cat([policy.deterministic_action(policy.actor(hidden[s:s + batch_size].float().to(policy.device),
+                                                                    mask[s:s + batch_size].to(policy.device),
+                                                                    states[s:s + batch_size]))
+                           for s in range(0, T, batch_size)]).cpu()
+    states = states.cpu()
+    actions = policy.normalize_action(episode.actions).cpu()
+    rewards = episode_rewards(episode.rewards, episode.success, cfg)
+    mc = discounted_returns(rewards, cfg.gamma)
+    n = T if episode.success else T - 1
+    if n <= 0:
+        return 0
+    nxt = torch.clamp(torch.arange(n) + 1, max=T - 1)
+    done = torch.zeros(n)
+    if episode.success:
+        done[-1] = 1.0
+    # A failed/truncated episode's return-to-go is only known up to the cut: still a lower bound
+    # on the true return (rewards are >= 0), which is all the MC floor needs.
+    for s in range(0, n, replay.capacity):
+        sl = slice(s, min(n, s + replay.capacity))
+        replay.add(hidden=hidden[sl], mask=mask[sl], state=states[sl], action=actions[sl],
+                   reward=torch.as_tensor(rewards[:n][sl]), done=done[sl], next_hidden=hidden[nxt[sl]],
+                   next_mask=mask[nxt[sl]], next_state=states[nxt[sl]], behaviour_action=behaviour[sl],
+                   mc_return=torch.as_tensor(mc[:n][sl]), tag=tag)
+    return n
+
+
+# ============================================================================ critic ensemble
+class EnsembleLinear(nn.Module):
+    """E independent linear layers applied in one batched matmul: (E, B, in) -> (E, B, out)."""
+
+    def __init__(self, members: int, in_dim: int, out_dim: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init, per member
+        self.weight = nn.Parameter(torch.empty(members, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(members, 1, out_dim).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    def __init__(self, members: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(members, 1, dim))
+        self.bias = nn.Parameter(torch.zeros(members, 1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
+class CriticEnsemble(nn.Module):
+    """Q(latent, proprio, action): the head's token-learner structure + E LayerNorm MLPs.
+
+    The token learner is shared by the members (as SERL shares its encoder); every member has its
+    own hidden layers and its own output layer (hil-serl#33: a shared output layer makes the
+    members one critic).
+    """
+
+    def __init__(self, feat_dim: int, state_dim: int, action_dim: int, width: int, num_queries: int,
+                 members: int, hidden: int):
+        super().__init__()
+        self.pool = TokenLearner(feat_dim, width, num_queries)
+        self.members = members
+        in_dim = self.pool.out_dim + state_dim + action_dim
+        self.net = nn.Sequential(
+            EnsembleLinear(members, in_dim, hidden), EnsembleLayerNorm(members, hidden), nn.ReLU(),
+            EnsembleLinear(members, hidden, hidden), EnsembleLayerNorm(members, hidden), nn.ReLU(),
+            EnsembleLinear(members, hidden, 1))
+
+    def q(self, pooled: torch.Tensor, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """(B, P) pooled latent -> (E, B) Q values."""
+        x = torch.cat([pooled, state, action], dim=-1)
+        return self.net(x.unsqueeze(0).expand(self.members, -1, -1)).squeeze(-1)
+
+    def forward(self, hidden, mask, state, action) -> torch.Tensor:
+        return self.q(self.pool(hidden, mask), state, action)
+
+
+# ============================================================================ losses
+def critic_loss(learner: "SACLearner", batch: dict, cfg: SACConfig) -> tuple[torch.Tensor, dict]:
+    """Ensemble TD regression; target = r + gamma * (1 - done) * min over 2 random target members.
+
+    `done` is 1 only where the episode terminated (success); truncated steps bootstrap. With
+    `mc_lower_bound`, a demo target is floored by its Monte-Carlo return (Cal-QL's calibration:
+    the critic may not value a demonstrated action below what the demo actually earned).
+    """
+    policy, critic, target = learner.policy, learner.critic, learner.target_critic
+    with torch.no_grad():
+        dist = policy.distribution(batch["next_hidden"], batch["next_mask"], batch["next_state"])
+        next_action, next_logp = policy.squashed_sample(dist)
+        members = torch.randperm(cfg.num_critics, generator=learner.gen)[: cfg.target_critics].to(next_action.device)
+        q_next = target(batch["next_hidden"], batch["next_mask"], batch["next_state"], next_action)[members].min(0).values
+        if cfg.backup_entropy:
+            q_next = q_next - learner.alpha * next_logp
+        td_target = batch["reward"] + cfg.gamma * (1.0 - batch["done"]) * q_next
+        if cfg.mc_lower_bound:
+            floor = torch.where(batch["is_demo"], batch["mc_return"], torch.full_like(td_target, -math.inf))
+            td_target = torch.maximum(td_target, floor)
+    pooled = critic.pool(batch["hidden"], batch["mask"])
+    q = critic.q(pooled, batch["state"], batch["action"])  # (E, B)
+    loss = 0.5 * (q - td_target.unsqueeze(0)).pow(2).mean(1).sum()
+    batch["critic_pooled"] = pooled.detach()  # the actor's Q term reuses it (no gradient to the critic)
+    return loss, {"critic_loss": loss.item() / cfg.num_critics, "q_mean": q.mean().item(),
+                  "td_target_mean": td_target.mean().item()}
+
+
+def actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig, bc_weight: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """SAC actor loss (alpha * log pi - mean ensemble Q) + a behaviour regulariser.
+
+    The regulariser pulls the deterministic action toward the demo action on the demo half and
+    toward the deterministic action of the policy that collected the transition on the online half
+    (TD3+BC's form, Q term normalised by mean |Q|; the online half acts as a trust region: the
+    actor may improve on its data, not jump away from it). Returns (loss, log pi of the samples
+    (for the temperature), stats).
+    """
+    policy = learner.policy
+    head_out = policy.actor(batch["hidden"], batch["mask"], batch["state"])
+    std = policy.actor.log_std.clamp(-5.0, 1.0).exp().expand_as(head_out)
+    dist = torch.distributions.Normal(head_out, std)
+    action, logp = policy.squashed_sample(dist)
+    pooled = batch.get("critic_pooled")
+    if pooled is None:
+        with torch.no_grad():
+            pooled = learner.critic.pool(batch["hidden"], batch["mask"])
+    q = learner.critic.q(pooled, batch["state"], action).mean(0)
+    sac_term = learner.alpha * logp - q
+    q_scale = q.abs().mean().detach().clamp(min=1e-2) if cfg.normalize_actor_q else torch.ones(())
+    loss = sac_term.mean() / q_scale
+    reg = torch.zeros(())
+    if bc_weight > 0:
+        det = policy.deterministic_action(head_out)
+        target = torch.where(batch["is_demo"].unsqueeze(-1), batch["action"], batch["behaviour_action"])
+        reg = (det - target).pow(2).sum(-1).mean()
+        loss = loss + bc_weight * reg
+    return loss, logp.detach(), {"actor_loss": loss.item(), "q_pi": q.mean().item(), "logp": logp.mean().item(),
+                                 "bc_reg": reg.item(), "bc_weight": bc_weight}
+
+
+def temperature_loss(log_alpha: torch.Tensor, logp: torch.Tensor, target_entropy: float) -> torch.Tensor:
+    """Auto-tuned temperature: alpha rises while the entropy (-log pi) is below the target."""
+    return -(log_alpha * (logp + target_entropy)).mean()
+
+
+# ============================================================================ learner
+class SACLearner:
+    """Actor (the policy's head), critic ensemble + target, temperature, and their optimizers."""
+
+    def __init__(self, policy: VLAPolicy, cfg: SACConfig, device=None):
+        self.policy, self.cfg = policy, cfg
+        self.device = device or policy.device
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        policy.freeze_backbone()
+        if policy.cfg.action_squash != "tanh":
+            raise ValueError("SAC needs the tanh head: call distill_to_tanh first")
+        pc = policy.cfg
+        # Re-initialised at every Stage 1, as the paper does for its critic.
+        self.critic = CriticEnsemble(policy.backbone.hidden_size, len(pc.joint_names), pc.action_spec.dim,
+                                     pc.head_width, pc.head_queries, cfg.num_critics, cfg.critic_hidden).to(self.device)
+        if cfg.critic_pool_init == "actor":
+            self.critic.pool.load_state_dict(policy.actor.pool.state_dict())
+        elif cfg.critic_pool_init != "random":
+            raise ValueError(f"sac.critic_pool_init must be 'actor' or 'random', got {cfg.critic_pool_init!r}")
+        self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=self.device, requires_grad=True)
+        self.target_entropy = cfg.resolved_target_entropy(pc.action_spec.dim)
+        self.actor_opt = torch.optim.Adam(policy.head_parameters(), lr=cfg.lr_actor)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr_temperature)
+        self.critic_updates = 0
+        self.actor_updates = 0
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return self.log_alpha.detach().exp()
+
+    def bc_weight(self) -> float:
+        c = self.cfg
+        frac = min(1.0, self.actor_updates / max(c.bc_anneal_updates, 1))
+        return c.bc_weight + (c.bc_weight_final - c.bc_weight) * frac
+
+    def update(self, batch: dict, *, update_actor: bool = True) -> dict:
+        cfg = self.cfg
+        self.policy.actor.train()
+        loss, stats = critic_loss(self, batch, cfg)
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.critic.parameters(), cfg.grad_clip)
+        self.critic_opt.step()
+        soft_update(self.target_critic, self.critic, cfg.tau)
+        self.critic_updates += 1
+        if update_actor:
+            loss, logp, s = actor_loss(self, batch, cfg, self.bc_weight())
+            self.actor_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(self.policy.head_parameters(), cfg.grad_clip)
+            self.actor_opt.step()
+            a_loss = temperature_loss(self.log_alpha, logp, self.target_entropy)
+            self.alpha_opt.zero_grad(set_to_none=True)
+            a_loss.backward()
+            self.alpha_opt.step()
+            self.actor_updates += 1
+            stats |= s | {"alpha": float(self.alpha)}
+        return stats
+
+    def train(self, online: LatentReplay | None, demo: LatentReplay | None, n_updates: int, *,
+              critic_only: bool = False) -> dict:
+        """n critic updates on mixed batches; the actor every `critic_actor_ratio` of them."""
+        stats: list[dict] = []
+        for _ in range(n_updates):
+            batch = sample_mixed(online, demo, self.cfg.batch_size, self.cfg.demo_fraction, self.gen, self.device)
+            actor_now = not critic_only and (self.critic_updates + 1) % self.cfg.critic_actor_ratio == 0
+            stats.append(self.update(batch, update_actor=actor_now))
+        self.policy.eval()
+        if not stats:
+            return {}
+        keys = set().union(*stats)
+        return {k: float(np.mean([s[k] for s in stats if k in s])) for k in keys}
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float) -> None:
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.lerp_(s, tau)
+
+
+def distill_to_tanh(policy: VLAPolicy, replays: list[LatentReplay], steps: int, *, batch_size: int = 256,
+                    lr: float = 1e-3, seed: int = 0) -> dict:
+    """Turns a "clip" head into a "tanh" head that acts the same, on stored latents.
+
+    The clip head's deterministic action clip(mu) (kept a hair inside the bounds) is the target of
+    the tanh head's deterministic action c + h * tanh(u), MSE: SAC then starts from the Stage 0
+    behaviour instead of from a different policy. No-op for a head that is tanh already.
+    """
+    if policy.cfg.action_squash == "tanh":
+        return {"distill_steps": 0}
+    teacher = copy.deepcopy(policy.actor).requires_grad_(False).eval()
+    low, high = policy.normalized_bounds()
+    margin = 0.01 * (high - low)
+    policy.cfg.action_squash = "tanh"
+    opt = torch.optim.Adam(policy.head_parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    pools = [r for r in replays if r is not None and len(r)]
+    if not pools:
+        raise ValueError("distill_to_tanh needs latents (an empty demo buffer?)")
+    losses = []
+    policy.actor.train()
+    for step in range(steps):
+        b = pools[step % len(pools)].sample(batch_size, gen, policy.device)
+        with torch.no_grad():
+            target = torch.maximum(torch.minimum(teacher(b["hidden"], b["mask"], b["state"]), high - margin), low + margin)
+        pred = policy.deterministic_action(policy.actor(b["hidden"], b["mask"], b["state"]))
+        loss = nn.functional.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    policy.eval()
+    return {"distill_steps": steps, "distill_loss_first": float(np.mean(losses[:10])) if losses else 0.0,
+            "distill_loss_last": float(np.mean(losses[-10:])) if losses else 0.0}
+
+
+def config_dict(cfg: SACConfig) -> dict:
+    return asdict(cfg)
