@@ -140,6 +140,25 @@ def test_lerobot_round_trip(tmp_path):
         assert err.reshape(o.n_steps, -1).mean(1).max() < 3.0, err.mean()
 
 
+def test_lerobot_multi_file_layout_round_trip(tmp_path):
+    """Size limits reached after every episode: one data file and one video file per episode
+    (file-000, file-001, ...), read back by the chunk/file indices and video offsets."""
+    paths = _store(tmp_path / "store", n_eps=3)
+    root = export_lerobot(tmp_path / "store", tmp_path / "lr", data_file_size_mb=0, video_file_size_mb=0)
+    assert len(list((root / "data/chunk-000").glob("file-*.parquet"))) == 3
+    assert len(list((root / "videos/observation.images.main/chunk-000").glob("file-*.mp4"))) == 3
+    eps = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    assert [e["data/file_index"] for e in eps] == [0, 1, 2]
+    assert [e["videos/observation.images.main/from_timestamp"] for e in eps] == [0.0, 0.0, 0.0]
+    back = {read_episode(p).metadata["exported_name"]: read_episode(p) for p in import_lerobot(root, tmp_path / "b")}
+    for p in paths:
+        o = read_episode(p)
+        b = back[o.name]
+        np.testing.assert_array_equal(b.actions, o.actions)
+        err = np.abs(b.images["main"].astype(np.int16) - o.images["main"].astype(np.int16))
+        assert err.reshape(o.n_steps, -1).mean(1).max() < 3.0
+
+
 def test_lerobot_refuses_bad_input(tmp_path, capsys):
     _store(tmp_path / "store", n_eps=1)
     root = export_lerobot(tmp_path / "store", tmp_path / "lr")

@@ -28,9 +28,10 @@ defines it (huggingface/lerobot):
 
 What is written: features `observation.images.<camera>` (video, h264 yuv420p by default, crf 18),
 `observation.state` (joint positions, names = joint names), `action` (names = action spec
-names), `next.reward`, `next.done`, plus LeRobot's default index features; one data file, one
-video file per camera and one episodes file (enough for datasets up to the 100/500 MB file
-sizes; larger exports are refused rather than silently mis-chunked). This package's own labels
+names), `next.reward`, `next.done`, plus LeRobot's default index features. Episodes are packed
+into data files (up to `data_files_size_in_mb`, 100) and per-camera video files (up to
+`video_files_size_in_mb`, 500; checked between episodes, as LeRobot does), streamed: only one
+episode's frames are in memory, on export and on import. This package's own labels
 ride along as extra episode columns LeRobot ignores: `ire_vla/source`, `ire_vla/success`,
 `ire_vla/iteration`, `ire_vla/name`, and info.json's `ire_vla` block (action spec JSON).
 
@@ -95,16 +96,30 @@ def _stats(x: np.ndarray) -> dict:
             "std": x.std(0).tolist(), "count": [int(x.shape[0])]}
 
 
-def _image_stats(frames: np.ndarray) -> dict:
-    """Per-channel stats in [0, 1], shaped (3, 1, 1) like LeRobot's image stats; subsampled."""
-    sub = frames[:: max(1, len(frames) // 100), ::4, ::4].astype(np.float64) / 255.0
-    flat = sub.reshape(-1, 3)
+class _ImageStats:
+    """Per-channel min/max/mean/std in [0, 1], shaped (3, 1, 1) like LeRobot's image stats, accumulated
+    episode by episode on a subsample (every 4th pixel, at most ~100 frames per episode)."""
 
-    def c(v):
-        return [[[float(x)]] for x in v]
+    def __init__(self):
+        self.n, self.s, self.ss, self.frames = 0, np.zeros(3), np.zeros(3), 0
+        self.lo, self.hi = np.full(3, np.inf), np.full(3, -np.inf)
 
-    return {"min": c(flat.min(0)), "max": c(flat.max(0)), "mean": c(flat.mean(0)), "std": c(flat.std(0)),
-            "count": [int(len(frames))]}
+    def add(self, frames: np.ndarray) -> None:
+        sub = frames[:: max(1, len(frames) // 100), ::4, ::4].reshape(-1, 3).astype(np.float64) / 255.0
+        self.n += len(sub)
+        self.s += sub.sum(0)
+        self.ss += (sub * sub).sum(0)
+        self.lo, self.hi = np.minimum(self.lo, sub.min(0)), np.maximum(self.hi, sub.max(0))
+        self.frames += len(frames)
+
+    def result(self) -> dict:
+        mean = self.s / self.n
+        std = np.sqrt(np.maximum(self.ss / self.n - mean * mean, 0.0))
+
+        def c(v):
+            return [[[float(x)]] for x in v]
+
+        return {"min": c(self.lo), "max": c(self.hi), "mean": c(mean), "std": c(std), "count": [int(self.frames)]}
 
 
 def _tasks_table(tasks: Sequence[str]):
@@ -125,39 +140,80 @@ def _tasks_table(tasks: Sequence[str]):
     return table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
 
 
-def _write_video(path: Path, frames: np.ndarray, fps: float, codec: str, crf: int) -> None:
-    import imageio_ffmpeg
+class _VideoWriter:
+    """Frames streamed into one MP4 through ffmpeg (imageio-ffmpeg), never all in memory."""
 
-    n, h, w, _ = frames.shape
-    if h % 2 or w % 2:
-        raise ValueError(f"video frames must have even height and width for yuv420p, got {w}x{h}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    params = ["-crf", str(int(crf)), "-g", "2"]  # -g 2: LeRobot's default GOP (fast random access)
-    gen = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec=CODECS[codec], pix_fmt_in="rgb24",
-                                      pix_fmt_out="yuv420p", macro_block_size=1, quality=None,
-                                      output_params=params, ffmpeg_log_level="error")
-    gen.send(None)
-    for f in frames:
-        gen.send(np.ascontiguousarray(f))
-    gen.close()
+    def __init__(self, path: Path, size_wh: tuple[int, int], fps: float, codec: str, crf: int):
+        import imageio_ffmpeg
+
+        w, h = size_wh
+        if h % 2 or w % 2:
+            raise ValueError(f"video frames must have even height and width for yuv420p, got {w}x{h}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path, self.frames = path, 0
+        params = ["-crf", str(int(crf)), "-g", "2"]  # -g 2: LeRobot's default GOP (fast random access)
+        self._gen = imageio_ffmpeg.write_frames(str(path), (w, h), fps=fps, codec=CODECS[codec], pix_fmt_in="rgb24",
+                                                pix_fmt_out="yuv420p", macro_block_size=1, quality=None,
+                                                output_params=params, ffmpeg_log_level="error")
+        self._gen.send(None)
+
+    def write(self, frames: np.ndarray) -> None:
+        for f in frames:
+            self._gen.send(np.ascontiguousarray(f))
+        self.frames += len(frames)
+
+    def size_mb(self) -> float:
+        return self.path.stat().st_size / 2**20 if self.path.exists() else 0.0
+
+    def close(self) -> None:
+        self._gen.close()
 
 
-def _read_video(path: Path) -> np.ndarray:
-    import imageio_ffmpeg
+class _VideoCursor:
+    """Sequential reader over one MP4 at a time: `take(path, start, n)` returns frames
+    start..start+n-1, reading forward (episodes of a v3.0 file are read in file order)."""
 
-    gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
-    meta = next(gen)
-    w, h = meta["size"]
-    frames = [np.frombuffer(b, np.uint8).reshape(h, w, 3) for b in gen]
-    return np.stack(frames) if frames else np.zeros((0, h, w, 3), np.uint8)
+    def __init__(self):
+        self.path, self._gen, self.pos = None, None, 0
+
+    def _open(self, path: Path) -> None:
+        import imageio_ffmpeg
+
+        self.close()
+        self._gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+        meta = next(self._gen)
+        self.size = meta["size"]
+        self.path, self.pos = path, 0
+
+    def take(self, path: Path, start: int, n: int) -> np.ndarray:
+        if path != self.path or start < self.pos:
+            self._open(path)
+        w, h = self.size
+        out = np.empty((n, h, w, 3), np.uint8)
+        got = 0
+        for raw in self._gen:
+            i = self.pos
+            self.pos += 1
+            if i >= start:
+                out[got] = np.frombuffer(raw, np.uint8).reshape(h, w, 3)
+                got += 1
+                if got == n:
+                    return out
+        raise LeRobotFormatError(f"{path}: needs frames {start}..{start + n - 1}, the file has {self.pos}")
+
+    def close(self) -> None:
+        if self._gen is not None:
+            self._gen.close()
+        self._gen, self.path = None, None
 
 
 # --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
 def export_lerobot(store: str | Path, out: str | Path, *, fps: float | None = None, robot_type: str | None = None,
-                   codec: str = "h264", crf: int = 18, sources=None, tasks=None,
-                   successful_only: bool = False) -> Path:
+                   codec: str = "h264", crf: int = 18, sources=None, tasks=None, successful_only: bool = False,
+                   data_file_size_mb: float = DEFAULT_DATA_FILE_SIZE_IN_MB,
+                   video_file_size_mb: float = DEFAULT_VIDEO_FILE_SIZE_IN_MB) -> Path:
     """Write every selected episode of `store` as one LeRobotDataset v3.0 at `out` (must not exist)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -178,12 +234,34 @@ def export_lerobot(store: str | Path, out: str | Path, *, fps: float | None = No
                              "a LeRobot dataset has one schema (export them separately, e.g. --task)")
     fps = float(fps or first.metadata.get("control_rate_hz") or 10.0)
     cams = first.camera_names
+    J, A = len(first.joint_names), first.action_spec.dim
+    row_bytes = 4 * (J + A) + 4 + 4 + 1 + 4 * 8  # state, action, reward, timestamp, done, 4 int64 indices
     task_names: list[str] = []
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    writers: dict[str, _VideoWriter] = {}
     try:
-        cols: dict[str, list] = {k: [] for k in ("observation.state", "action", "next.reward", "next.done", "timestamp",
-                                                  "frame_index", "episode_index", "index", "task_index")}
-        frames = {c: [] for c in cams}
+        def new_cols() -> dict[str, list]:
+            return {k: [] for k in ("observation.state", "action", "next.reward", "next.done", "timestamp",
+                                    "frame_index", "episode_index", "index", "task_index")}
+
+        def flush_data(cols: dict, file_no: int) -> None:
+            if not cols["index"]:
+                return
+            table = pa.table({
+                "observation.state": pa.array(cols["observation.state"], pa.list_(pa.float32(), J)),
+                "action": pa.array(cols["action"], pa.list_(pa.float32(), A)),
+                "next.reward": pa.array(cols["next.reward"], pa.float32()),
+                "next.done": pa.array(cols["next.done"], pa.bool_()),
+                "timestamp": pa.array(cols["timestamp"], pa.float32()),
+                **{k: pa.array(cols[k], pa.int64()) for k in ("frame_index", "episode_index", "index", "task_index")},
+            })
+            chunk, file = divmod(file_no, DEFAULT_CHUNK_SIZE)
+            pq.write_table(table, _mk(tmp / DATA_PATH.format(chunk_index=chunk, file_index=file)))
+
+        cols, data_file_no, data_rows = new_cols(), 0, 0
+        video_file_no = {c: 0 for c in cams}
+        totals = {k: [] for k in ("observation.state", "action", "next.reward")}
+        img_stats = {c: _ImageStats() for c in cams}
         ep_rows = []
         index = 0
         for e, p in enumerate(res.episodes):
@@ -192,8 +270,11 @@ def export_lerobot(store: str | Path, out: str | Path, *, fps: float | None = No
             if ep.instruction not in task_names:
                 task_names.append(ep.instruction)
             ti = task_names.index(ep.instruction)
-            cols["observation.state"] += list(ep.joint_positions.astype(np.float32))
-            cols["action"] += list(ep.actions.astype(np.float32))
+            if data_rows and (data_rows + T) * row_bytes > data_file_size_mb * 2**20:  # next data file
+                flush_data(cols, data_file_no)
+                cols, data_file_no, data_rows = new_cols(), data_file_no + 1, 0
+            cols["observation.state"] += ep.joint_positions.astype(np.float32).tolist()
+            cols["action"] += ep.actions.astype(np.float32).tolist()
             cols["next.reward"] += ep.rewards.astype(np.float32).tolist()
             cols["next.done"] += [False] * (T - 1) + [True]
             cols["timestamp"] += (np.arange(T, dtype=np.float32) / np.float32(fps)).tolist()
@@ -201,17 +282,32 @@ def export_lerobot(store: str | Path, out: str | Path, *, fps: float | None = No
             cols["episode_index"] += [e] * T
             cols["index"] += list(range(index, index + T))
             cols["task_index"] += [ti] * T
-            video_from = sum(len(f) for f in frames[cams[0]]) / fps
-            for c in cams:
-                frames[c].append(ep.images[c])
+            data_rows += T
+            for k, arr in (("observation.state", ep.joint_positions), ("action", ep.actions),
+                           ("next.reward", ep.rewards[:, None])):
+                totals[k].append(np.asarray(arr, np.float64))
+            chunk, file = divmod(data_file_no, DEFAULT_CHUNK_SIZE)
             row = {
                 "episode_index": e, "tasks": [ep.instruction], "length": T,
-                "data/chunk_index": 0, "data/file_index": 0,
+                "data/chunk_index": chunk, "data/file_index": file,
                 "dataset_from_index": index, "dataset_to_index": index + T,
             }
             for c in cams:
                 key = IMAGE_PREFIX + c
-                row.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
+                w = writers.get(c)
+                if w is not None and w.size_mb() >= video_file_size_mb:  # next video file
+                    w.close()
+                    video_file_no[c] += 1
+                    w = None
+                vchunk, vfile = divmod(video_file_no[c], DEFAULT_CHUNK_SIZE)
+                if w is None:
+                    h, wd = ep.images[c].shape[1:3]
+                    w = writers[c] = _VideoWriter(tmp / VIDEO_PATH.format(video_key=key, chunk_index=vchunk,
+                                                                         file_index=vfile), (wd, h), fps, codec, crf)
+                video_from = w.frames / fps
+                w.write(ep.images[c])
+                img_stats[c].add(ep.images[c])
+                row.update({f"videos/{key}/chunk_index": vchunk, f"videos/{key}/file_index": vfile,
                             f"videos/{key}/from_timestamp": video_from, f"videos/{key}/to_timestamp": video_from + T / fps})
             row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
             for feat, arr in (("observation.state", ep.joint_positions), ("action", ep.actions),
@@ -222,20 +318,9 @@ def export_lerobot(store: str | Path, out: str | Path, *, fps: float | None = No
                         "ire_vla/iteration": int(ep.iteration), "ire_vla/task": ep.task})
             ep_rows.append(row)
             index += T
-        J, A = len(first.joint_names), first.action_spec.dim
-        data = pa.table({
-            "observation.state": pa.array([r.tolist() for r in cols["observation.state"]], pa.list_(pa.float32(), J)),
-            "action": pa.array([r.tolist() for r in cols["action"]], pa.list_(pa.float32(), A)),
-            "next.reward": pa.array(cols["next.reward"], pa.float32()),
-            "next.done": pa.array(cols["next.done"], pa.bool_()),
-            "timestamp": pa.array(cols["timestamp"], pa.float32()),
-            **{k: pa.array(cols[k], pa.int64()) for k in ("frame_index", "episode_index", "index", "task_index")},
-        })
-        data_file = tmp / DATA_PATH.format(chunk_index=0, file_index=0)
-        data_file.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(data, data_file)
-        if data_file.stat().st_size > DEFAULT_DATA_FILE_SIZE_IN_MB * 2**20:
-            raise ValueError(f"data file exceeds {DEFAULT_DATA_FILE_SIZE_IN_MB} MB: export a smaller selection")
+        flush_data(cols, data_file_no)
+        for w in writers.values():
+            w.close()
         features = {
             "observation.state": {"dtype": "float32", "shape": [J], "names": list(first.joint_names)},
             "action": {"dtype": "float32", "shape": [A], "names": list(first.action_spec.names)},
@@ -245,17 +330,12 @@ def export_lerobot(store: str | Path, out: str | Path, *, fps: float | None = No
         stats = {}
         for c in cams:
             key = IMAGE_PREFIX + c
-            allf = np.concatenate(frames[c])
-            h, w = int(allf.shape[1]), int(allf.shape[2])
-            vpath = tmp / VIDEO_PATH.format(video_key=key, chunk_index=0, file_index=0)
-            _write_video(vpath, allf, fps, codec, crf)
-            if vpath.stat().st_size > DEFAULT_VIDEO_FILE_SIZE_IN_MB * 2**20:
-                raise ValueError(f"video file exceeds {DEFAULT_VIDEO_FILE_SIZE_IN_MB} MB: export a smaller selection")
-            features[key] = {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"],
-                             "info": {"video.height": h, "video.width": w, "video.codec": codec,
+            h, wd = first.image_shapes[c][:2]
+            features[key] = {"dtype": "video", "shape": [h, wd, 3], "names": ["height", "width", "channels"],
+                             "info": {"video.height": h, "video.width": wd, "video.codec": codec,
                                       "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
                                       "video.channels": 3, "has_audio": False}}
-            stats[key] = _image_stats(allf)
+            stats[key] = img_stats[c].result()
         features.update({
             "timestamp": {"dtype": "float32", "shape": [1], "names": None},
             "frame_index": {"dtype": "int64", "shape": [1], "names": None},
@@ -263,25 +343,33 @@ def export_lerobot(store: str | Path, out: str | Path, *, fps: float | None = No
             "index": {"dtype": "int64", "shape": [1], "names": None},
             "task_index": {"dtype": "int64", "shape": [1], "names": None},
         })
-        stats["observation.state"] = _stats(np.stack(cols["observation.state"]))
-        stats["action"] = _stats(np.stack(cols["action"]))
-        stats["next.reward"] = _stats(np.asarray(cols["next.reward"])[:, None])
-        for k in ("timestamp", "frame_index", "episode_index", "index", "task_index"):
-            stats[k] = _stats(np.asarray(cols[k], np.float64)[:, None])
+        for k, parts in totals.items():
+            stats[k] = _stats(np.concatenate(parts))
+        lengths = np.asarray([r["length"] for r in ep_rows])
+        stats["frame_index"] = _stats(np.concatenate([np.arange(n) for n in lengths])[:, None])
+        stats["index"] = _stats(np.arange(index)[:, None])
+        stats["episode_index"] = _stats(np.repeat(np.arange(len(lengths)), lengths)[:, None])
+        stats["timestamp"] = _stats(np.concatenate([np.arange(n) / fps for n in lengths])[:, None])
+        stats["task_index"] = _stats(np.repeat([task_names.index(r["tasks"][0]) for r in ep_rows], lengths)[:, None])
         pq.write_table(pa.Table.from_pylist(ep_rows), _mk(tmp / EPISODES_PATH.format(chunk_index=0, file_index=0)))
         pq.write_table(_tasks_table(task_names), _mk(tmp / TASKS_PATH))
         _write_json(tmp / STATS_PATH, stats)
         _write_json(tmp / INFO_PATH, {
             "codebase_version": CODEBASE_VERSION, "robot_type": robot_type,
             "total_episodes": len(ep_rows), "total_frames": index, "total_tasks": len(task_names),
-            "chunks_size": DEFAULT_CHUNK_SIZE, "data_files_size_in_mb": DEFAULT_DATA_FILE_SIZE_IN_MB,
-            "video_files_size_in_mb": DEFAULT_VIDEO_FILE_SIZE_IN_MB, "fps": fps,
+            "chunks_size": DEFAULT_CHUNK_SIZE, "data_files_size_in_mb": data_file_size_mb,
+            "video_files_size_in_mb": video_file_size_mb, "fps": fps,
             "splits": {"train": f"0:{len(ep_rows)}"}, "data_path": DATA_PATH, "video_path": VIDEO_PATH,
             "features": features,
             "ire_vla": {"action_spec": first.action_spec.to_dict(), "camera_names": list(cams)},
         })
         os.replace(tmp, out)
     except BaseException:
+        for w in writers.values():
+            try:
+                w.close()
+            except Exception:
+                pass
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
@@ -391,7 +479,7 @@ def import_lerobot(root: str | Path, out: str | Path, *, source: str | None = No
              if "next.reward" in data.column_names else np.zeros(len(d_ep), np.float32))
     d_task = (np.asarray(data.column("task_index").to_numpy(zero_copy_only=False), np.int64)
               if "task_index" in data.column_names else None)
-    video_cache: dict[Path, np.ndarray] = {}
+    cursors = {key: _VideoCursor() for key in info.video_keys}  # one episode's frames in memory at a time
     written: list[Path] = []
     wanted = None if episodes is None else set(int(e) for e in episodes)
     try:
@@ -412,16 +500,10 @@ def import_lerobot(root: str | Path, out: str | Path, *, source: str | None = No
             for key in info.video_keys:
                 vp = root / info.video_path.format(video_key=key, chunk_index=int(row[f"videos/{key}/chunk_index"]),
                                                    file_index=int(row[f"videos/{key}/file_index"]))
-                if vp not in video_cache:
-                    if not vp.is_file():
-                        raise LeRobotFormatError(f"{vp}: video file missing")
-                    video_cache = {vp: _read_video(vp)}  # one file at a time (bounded memory)
-                frames = video_cache[vp]
+                if not vp.is_file():
+                    raise LeRobotFormatError(f"{vp}: video file missing")
                 start = int(round(float(row[f"videos/{key}/from_timestamp"]) * info.fps))
-                if start + T > len(frames):
-                    raise LeRobotFormatError(f"{vp}: episode {e} needs frames {start}..{start + T - 1}, "
-                                             f"the file has {len(frames)}")
-                images[key[len(IMAGE_PREFIX):]] = frames[start:start + T]
+                images[key[len(IMAGE_PREFIX):]] = cursors[key].take(vp, start, T)
             cams = [k[len(IMAGE_PREFIX):] for k in info.video_keys]
             src = source or row.get("ire_vla/source") or "teleop"
             success = row.get("ire_vla/success")
@@ -443,4 +525,7 @@ def import_lerobot(root: str | Path, out: str | Path, *, source: str | None = No
             except OSError:
                 pass
         raise
+    finally:
+        for c in cursors.values():
+            c.close()
     return written
