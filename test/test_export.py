@@ -138,6 +138,12 @@ def test_lerobot_round_trip(tmp_path):
         err = np.abs(b.images["main"].astype(np.int16) - o.images["main"].astype(np.int16))
         # codec tolerance (h264 crf 18, yuv420p): mean abs error per frame < 3 grey levels
         assert err.reshape(o.n_steps, -1).mean(1).max() < 3.0, err.mean()
+    # one episode from the middle of the shared video file: frames found by its from_timestamp
+    (only,) = import_lerobot(root, tmp_path / "only", episodes=[2])
+    b, o = read_episode(only), read_episode(paths[2])
+    assert b.metadata["exported_name"] == o.name
+    err = np.abs(b.images["main"].astype(np.int16) - o.images["main"].astype(np.int16))
+    assert err.reshape(o.n_steps, -1).mean(1).max() < 3.0
 
 
 def test_lerobot_multi_file_layout_round_trip(tmp_path):
