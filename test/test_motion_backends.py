@@ -136,7 +136,15 @@ def test_newest_target_worker_runs_one_at_a_time_newest_wins_and_stop_interrupts
         started.set()
         release.wait(30)
 
-    w = mb.NewestTargetWorker(work, interrupt=lambda: (interrupted.append(1), release.set()))
+    gate, interrupt_done = threading.Event(), threading.Event()
+
+    def interrupt():  # like stop_execution waiting for the controllers
+        interrupted.append(1)
+        gate.wait(5)
+        release.set()
+        interrupt_done.set()
+
+    w = mb.NewestTargetWorker(work, interrupt=interrupt)
     try:
         w.submit("a")
         assert started.wait(30)
@@ -153,10 +161,13 @@ def test_newest_target_worker_runs_one_at_a_time_newest_wins_and_stop_interrupts
         assert started.wait(30)
         w.submit("e")
         w.stop()
-        assert interrupted == [1]
+        assert not interrupt_done.is_set()  # stop() returned while the interrupt still waits
+        wait_for(lambda: interrupted == [1], 30, "interrupt (in its own thread)")
+        gate.set()
         assert w.wait_idle(30) and ran == ["a", "c", "d"]
         assert w.counters["targets_dropped_on_stop"] == 1
     finally:
+        gate.set()
         release.set()
         w.close()
 
@@ -315,7 +326,7 @@ def test_moveit_py_backend_plans_off_the_caller_thread_scaled_down_and_stops(ros
         backend.send(delta, [0.3, 0.0, 0.4], [0, 0, 0, 1])
         wait_for(lambda: fake.plan_thread is not None, 30, "plan() started")
         backend.stop("estop")
-        assert fake.stops == 1
+        wait_for(lambda: fake.stops == 1, 30, "stop_execution")
         wait_for(lambda: backend.stats().get("plans_discarded_after_stop") == 1, 30, "plan discarded")
         assert len(fake.executed) == 2  # the plan finished after the stop was not executed
         assert not backend.send(delta, [0.3, 0.0, 0.4], [0, 0, 0, 1])

@@ -290,9 +290,9 @@ class ServoSession:
 class NewestTargetWorker:
     """Runs `work(target)` in one thread, one target at a time; a newer target replaces a pending one.
 
-    `stop()` drops the pending target and calls `interrupt()` (e.g. stop trajectory execution), and
-    `work` may check `cancelled(generation)` between its blocking phases. Nothing here blocks the
-    caller except `close()`.
+    `stop()` drops the pending target and, while a target runs, calls `interrupt()` (e.g. stop
+    trajectory execution) in a thread of its own; `work` may check `cancelled(generation)` between
+    its blocking phases. Nothing here blocks the caller except `close()`.
     """
 
     def __init__(self, work: Callable[[Any, int], None], interrupt: Callable[[], None] = lambda: None,
@@ -324,8 +324,16 @@ class NewestTargetWorker:
                 self.counters["targets_dropped_on_stop"] += 1
             self._pending, self._has_pending = None, False
             running = self.busy
-        if running:
+        if running:  # in its own thread: stopping a trajectory may wait for the controllers
+            self.counters["interrupts"] += 1
+            threading.Thread(target=self._safe_interrupt, name="motion_interrupt", daemon=True).start()
+
+    def _safe_interrupt(self) -> None:
+        try:
             self._interrupt()
+        except Exception as exc:  # noqa: BLE001 - reported; the worker goes on
+            self.counters["interrupt_errors"] += 1
+            self.last_error = f"interrupt: {type(exc).__name__}: {exc}"
 
     def cancelled(self, generation: int) -> bool:
         return generation != self._generation or self._closed
