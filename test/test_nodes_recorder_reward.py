@@ -18,7 +18,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image, JointState
-from std_msgs.msg import Bool, Float32, String
+from std_msgs.msg import Bool, Float32, Header, String
 from std_srvs.srv import SetBool, Trigger
 
 from ire_vla_ros.episodes.recorder import (
@@ -483,6 +483,81 @@ def test_full_queue_drops_are_counted_and_reported(ros, tmp_path):
                          for d in diags for s in d.status), 5, "a WARN diagnostic about drops")
 
 
+def _set_params(ros, node_name, **values):
+    from rcl_interfaces.msg import Parameter as ParamMsg
+
+    req = SetParameters.Request(parameters=[ParamMsg(name=k, value=Parameter(k, value=v).get_parameter_value())
+                                            for k, v in values.items()])
+    return {k: r for k, r in zip(values, ros.call(SetParameters, f"/{node_name}/set_parameters", req).results)}
+
+
+def test_live_parameters_split_joint_publishers_and_limits(ros, tmp_path):
+    """Writable parameters take effect when set through SetParameters (read-only and bad values
+    are refused with a reason); the episode records the values in force and the policy's
+    parameters; arm and gripper joint states from separate publishers are merged by name with the
+    pairing error recorded; oversized instructions and images claiming sizes their data do not
+    have are refused and counted."""
+    node = ros.add(RecorderNode, episodes_dir=str(tmp_path), instruction="reach", start_services=[""],
+                   pairing_tolerance_s=0.5, joint_names=["j1", "j2", "g"])
+    p = ros.probe
+    image = p.create_publisher(Image, "/camera/image_raw", SENSOR_QOS)
+    arm = p.create_publisher(JointState, "/joint_states", SENSOR_QOS)
+    gripper = p.create_publisher(JointState, "/joint_states", SENSOR_QOS)  # a second driver, same topic
+    action = p.create_publisher(JointState, "/policy_node/action", RELIABLE_QOS)
+    instruction = p.create_publisher(String, "/policy_node/instruction", LATCHED_QOS)
+    policy_params = p.create_publisher(String, "/policy_node/params_in_force", LATCHED_QOS)
+    saved = ros.collect(String, "/recorder_node/episode_saved")
+    for pub in (image, arm, gripper, action, instruction, policy_params):
+        wait_matched(pub)
+
+    r = _set_params(ros, "recorder_node", episodes_dir="/tmp/elsewhere")
+    assert not r["episodes_dir"].successful  # read-only: paths are launch-time only
+    r = _set_params(ros, "recorder_node", source="bogus")
+    assert not r["source"].successful and "source" in r["source"].reason
+    r = _set_params(ros, "recorder_node", instruction="x" * 3000)
+    assert not r["instruction"].successful and "max_instruction_chars" in r["instruction"].reason
+    r = _set_params(ros, "recorder_node", iteration=7, task="T", pairing_tolerance_s=0.001, buffer_s=2.0)
+    assert all(v.successful for v in r.values()), r
+    assert node.session.tolerance_ns == 1_000_000 and node.session.images.window_ns == 2 * 10**9
+
+    policy_params.publish(String(data=json.dumps({"max_translation_m": 0.01})))
+    instruction.publish(String(data="y" * 5000))  # refused: the parameter's instruction stays
+    big = Image(height=100000, width=100000, encoding="rgb8", step=300000, data=b"\0" * 12)
+    image.publish(big)
+    wait_for(lambda: node.rejected["instructions"] == 1 and node.rejected["images"] == 1, 10, "refusals")
+    wait_for(lambda: node._policy_params is not None, 10, "policy params")
+
+    assert ros.call(Trigger, "/recorder_node/start_episode").success
+    time.sleep(0.1)  # the stamps below (down to now - 30 ms) must be after the episode's start
+    now = p.get_clock().now().nanoseconds
+
+    def stamp(ns):
+        return Time(sec=ns // 10**9, nanosec=ns % 10**9)
+
+    arm.publish(JointState(header=Header(stamp=stamp(now - 5 * MS)), name=["j1", "j2"],
+                           position=[1.0, 2.0]))
+    gripper.publish(JointState(header=Header(stamp=stamp(now - 30 * MS)), name=["g"],
+                               position=[0.5]))
+    img = Image(**encode_rgb(np.zeros((8, 8, 3), np.uint8)))
+    img.header.stamp = stamp(now)
+    image.publish(img)
+    wait_for(lambda: node.session.images.lookup(now)[2] and len(node.session.joints.names) == 3, 10, "observation")
+    names, values = pack_action(ACTION_NAMES, [0.1, 0, 0, 1], -1.0, 0.5)
+    action.publish(JointState(header=img.header, name=names, position=values))
+    wait_for(lambda: node.session.counters["episode_steps"] == 1, 10, "the step")
+    assert ros.call(Trigger, "/recorder_node/stop_episode").success
+    wait_for(lambda: saved, 20, "episode saved")
+
+    ep = read_episode(saved[0].data)
+    assert ep.iteration == 7 and ep.task == "T" and ep.instruction == "reach"
+    assert ep.joint_names == ["j1", "j2", "g"] and ep.joint_positions[0].tolist() == [1.0, 2.0, 0.5]
+    assert ep.step_info["joint_stamp_error_s"][0] == pytest.approx(0.030, abs=1e-6)
+    assert ep.metadata["pairing"]["pairing_mismatches"] == 1  # 30 ms > the 1 ms now in force
+    rp = ep.metadata["recorder_params"]
+    assert rp["pairing_tolerance_s"] == 0.001 and rp["buffer_s"] == 2.0 and rp["iteration"] == 7
+    assert ep.metadata["policy_params"] == {"max_translation_m": 0.01}
+
+
 def test_help_does_not_start_ros():
     import subprocess
     import sys
@@ -491,3 +566,5 @@ def test_help_does_not_start_ros():
         out = subprocess.run([sys.executable, "-m", f"ire_vla_ros.nodes.{mod}", "--help"],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 0 and "Parameters" in out.stdout and "action_topic" in out.stdout, out.stderr
+        if mod == "recorder_node":  # the resource limits are stated
+            assert "max_instruction_chars" in out.stdout and "max_image_bytes" in out.stdout

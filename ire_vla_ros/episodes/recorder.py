@@ -37,7 +37,7 @@ import numpy as np
 from ire_vla_ros.robot.action_msg import split_action
 
 __all__ = ["StampBuffer", "JointStateCache", "Step", "RecorderStats", "EpisodeRecorder", "EpisodeSession",
-           "select_joints"]
+           "select_joints", "image_size_problem", "health"]
 
 NS = 1_000_000_000
 
@@ -168,6 +168,30 @@ def select_joints(msg_names, msg_positions, wanted: list[str]) -> np.ndarray:
     if missing:
         raise KeyError(f"joint state lacks {missing}")
     return np.asarray([msg_positions[index[n]] for n in wanted], dtype=np.float32)
+
+
+def image_size_problem(width: int, height: int, step: int, nbytes: int, max_bytes: int) -> str | None:
+    """Why an image message's size fields cannot be trusted (or it is too large), else None.
+    Checked before anything is copied or decoded: a message may claim any size."""
+    if nbytes > max_bytes:
+        return f"{nbytes} bytes > max_image_bytes {max_bytes}"
+    if int(height) * int(step) != nbytes or int(step) < int(width) or not width or not height:
+        return f"{width}x{height} with row step {step} does not match its {nbytes} bytes of data"
+    return None
+
+
+def health(status: dict, last: dict) -> tuple[int, str]:
+    """Diagnostic level (0 OK, 1 WARN, 2 ERROR) and message for a recorder status dict; `last`
+    keeps the counters of the previous call (updated here) so each new failure or drop is reported."""
+    level, message = 0, status["state"]
+    if status["episodes_failed"] > last.get("failed", 0):
+        level, message = 2, f"episode aborted: {status['last_error']}"[:300]
+    elif status["steps_dropped"] > last.get("drops", 0):
+        level, message = 1, f"{status['steps_dropped'] - last.get('drops', 0)} steps dropped (writer too slow)"
+    elif status["last_error"]:
+        level, message = 1, status["last_error"][:300]
+    last.update(failed=status["episodes_failed"], drops=status["steps_dropped"])
+    return level, message
 
 
 @dataclass

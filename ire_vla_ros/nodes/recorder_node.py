@@ -24,9 +24,9 @@ Interface
   pub  ~/status               std_msgs/String    JSON, latched: state, counters, last path / error
   pub  /diagnostics           diagnostic_msgs/DiagnosticArray
 
-Limits (resource bounds against a flood from the DDS domain): instructions longer than
-`max_instruction_chars`, images larger than `max_image_bytes` or whose size fields disagree with
-their data, and action messages with more than 64 components are refused and counted.
+Limits (against a flood from the DDS domain), refused and counted: instructions over
+`max_instruction_chars`, images over `max_image_bytes` or with size fields that disagree with their
+data, action messages with over 64 components.
 """
 from __future__ import annotations
 
@@ -42,11 +42,12 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float32, String
 from std_srvs.srv import SetBool, Trigger
 
+from ire_vla_ros.episodes.recorder import EpisodeRecorder, EpisodeSession, health, image_size_problem
 from ire_vla_ros.nodes.ros_common import (
-    LATCHED_QOS, RELIABLE_QOS, SENSOR_QOS, P, bind_live_params, declare_params, run_node,
+    LATCHED_QOS, RELIABLE_QOS, SENSOR_QOS, NodeStartupError, P, bind_live_params, declare_params, run_node,
     stamp_ns,
 )
-from ire_vla_ros.robot.action_msg import resolve_action_spec
+from ire_vla_ros.robot.action_msg import check_action_spec_setting, resolve_action_spec
 
 MAX_ACTION_COMPONENTS = 64
 COMPRESSIONS = ("lzf", "gzip", "none")
@@ -56,20 +57,6 @@ def _check_source(value: str) -> str | None:
     from ire_vla_ros.episodes.store import SOURCES
 
     return None if value in SOURCES else f"must be one of {SOURCES}"
-
-
-def _check_action_spec(value: str) -> str | None:
-    if value.strip() == "auto":
-        return None
-    try:
-        from ire_vla_ros.robot.action_msg import ACTION_SPECS
-        from ire_vla_ros.vla.action_spec import ActionSpec
-
-        if value.strip().lower() not in ACTION_SPECS:
-            ActionSpec.from_json(value)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the reason
-        return f"auto, a known spec or ActionSpec JSON ({exc})"
-    return None
 
 
 class RecorderNode(Node):
@@ -83,7 +70,7 @@ class RecorderNode(Node):
         "joint_names": P([], "Joints to record, in this order (empty: all, in order first seen)",
                          type=Parameter.Type.STRING_ARRAY, read_only=True),
         "action_spec": P("auto", "auto | metaworld_4d | ee_delta_7d | ActionSpec JSON (next episode)",
-                         validate=_check_action_spec),
+                         validate=check_action_spec_setting),
         "action_topic": P("/policy_node/action", "Actions (JointState layout); one message = one step. "
                           "Can be changed while no episode is recorded (switch teleop <-> policy)"),
         "image_topic": P("/camera/image_raw", "Camera image (sensor-data QoS)", read_only=True),
@@ -119,10 +106,7 @@ class RecorderNode(Node):
         super().__init__("recorder_node", **kwargs)
         self.p = p = declare_params(self, self.PARAMS)
         if p.compression not in COMPRESSIONS:
-            from ire_vla_ros.nodes.ros_common import NodeStartupError
-
             raise NodeStartupError(f"compression must be one of {COMPRESSIONS}, got {p.compression!r}")
-        from ire_vla_ros.episodes.recorder import EpisodeRecorder, EpisodeSession
         from ire_vla_ros.episodes.safe_writer import WriterProcess
         from ire_vla_ros.robot.image_codec import make_decoder
 
@@ -141,7 +125,7 @@ class RecorderNode(Node):
         self.rejected = collections.Counter()
         self._instruction = p.instruction
         self._policy_params: dict | None = None
-        self._last = {"drops": 0, "failed": 0}
+        self._last: dict = {}  # the counters at the last diagnostics (health() updates it)
         self._end_timer = None
 
         self.create_subscription(Image, p.image_topic, self._on_image, SENSOR_QOS)
@@ -179,6 +163,9 @@ class RecorderNode(Node):
     def _check_params(self, values: dict) -> str | None:
         if values["action_topic"] != self.p.action_topic and self.session.state != "idle":
             return f"an episode is {self.session.state}: stop it before switching topics"
+        for name in ("instruction", "task"):
+            if len(values[name]) > self.p.max_instruction_chars:
+                return f"{name}: longer than max_instruction_chars ({self.p.max_instruction_chars})"
         return None
 
     def _apply_params(self, changed: dict) -> None:
@@ -215,12 +202,10 @@ class RecorderNode(Node):
 
     # inputs: cache only -------------------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
-        size, rows = len(msg.data), int(msg.height) * int(msg.step)
-        if size > self.p.max_image_bytes or size != rows or int(msg.step) < int(msg.width):
+        problem = image_size_problem(msg.width, msg.height, msg.step, len(msg.data), self.p.max_image_bytes)
+        if problem:
             self.rejected["images"] += 1
-            self.get_logger().warning(
-                f"image refused: {msg.width}x{msg.height} step {msg.step} with {size} bytes "
-                f"(limit {self.p.max_image_bytes})", throttle_duration_sec=2.0)
+            self.get_logger().warning(f"image refused: {problem}", throttle_duration_sec=2.0)
             return
         self.session.add_image(stamp_ns(msg.header.stamp), msg)
 
@@ -241,7 +226,9 @@ class RecorderNode(Node):
 
     def _on_policy_params(self, msg: String) -> None:
         try:
-            value = json.loads(msg.data[:100_000])
+            if len(msg.data) > 100_000:
+                raise ValueError("too long")
+            value = json.loads(msg.data)
             self._policy_params = value if isinstance(value, dict) else {"value": value}
         except ValueError:
             self.rejected["policy_params"] += 1
@@ -377,15 +364,8 @@ class RecorderNode(Node):
     def _publish_status(self) -> None:
         st = self.status()
         self.status_pub.publish(String(data=json.dumps(st)))
-        level, message = DiagnosticStatus.OK, st["state"]
-        if st["episodes_failed"] > self._last["failed"]:
-            level, message = DiagnosticStatus.ERROR, f"episode aborted: {st['last_error']}"[:300]
-        elif st["steps_dropped"] > self._last["drops"]:
-            level, message = DiagnosticStatus.WARN, (f"{st['steps_dropped'] - self._last['drops']} "
-                                                     "steps dropped (writer too slow)")
-        elif st["last_error"]:
-            level, message = DiagnosticStatus.WARN, st["last_error"][:300]
-        self._last = {"drops": st["steps_dropped"], "failed": st["episodes_failed"]}
+        level, message = health(st, self._last)
+        level = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR)[level]
         arr = DiagnosticArray()
         arr.header.stamp = self.get_clock().now().to_msg()
         arr.status = [DiagnosticStatus(

@@ -67,6 +67,19 @@ def spec_by_name(name: str) -> ActionSpec:
     return spec
 
 
+def check_action_spec_setting(value: str) -> str | None:
+    """None if `value` is usable as an `action_spec` parameter (auto, a known name, ActionSpec
+    JSON), else the reason (for parameter validation)."""
+    value = (value or "").strip()
+    if value == "auto" or value.lower() in ACTION_SPECS:
+        return None
+    try:
+        ActionSpec.from_json(value)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the reason
+        return f"auto, one of {sorted(ACTION_SPECS)} or ActionSpec JSON ({type(exc).__name__}: {exc})"
+    return None
+
+
 def resolve_action_spec(setting: str, names: Sequence[str]) -> ActionSpec:
     """'auto' (match names to a known spec, else [-1, 1] bounds), a known spec name, or ActionSpec JSON.
 
