@@ -4,7 +4,8 @@
 Writes a teleop-like rosbag2 per storage (rosbags writer: camera rgb8 at --camera-hz, joint states
 at 100 Hz, TwistStamped + gripper at --rate) into a temp dir, then alternates, --repeats times:
   read    every message of the bag read and deserialized (rosbags AnyReader), nothing else;
-  import  `ire-vla episodes import-bag` (two passes, pairing, rgb8 decode, HDF5 lzf writes, finalize).
+  import  `ire-vla episodes import-bag` (two passes, pairing, rgb8 decode, HDF5 lzf writes, finalize),
+          also with `--compression none` and with `--image-size 224 224` (frames resized before storing).
 Reports camera frames/s for both (frames in the bag / seconds), imported steps/s, and the ratio
 import/read per storage (medians), with the load average at start and end. Writes
 bench/results/bag_import.json.
@@ -70,10 +71,10 @@ def time_read(bag: Path) -> float:
     return time.perf_counter() - t
 
 
-def time_import(bag: Path, out: Path, rate: float) -> tuple[float, int]:
+def time_import(bag: Path, out: Path, rate: float, **settings) -> tuple[float, int]:
     from ire_vla_ros.episodes.bag_import import BagImportConfig, import_bag
 
-    cfg = BagImportConfig(instruction="bench", control_rate_hz=rate)
+    cfg = BagImportConfig(instruction="bench", control_rate_hz=rate, **settings)
     t = time.perf_counter()
     res = import_bag(bag, out, cfg)
     dt = time.perf_counter() - t
@@ -99,11 +100,13 @@ def main() -> int:
         for storage in args.storages:
             bag = tmp / f"bag_{storage}"
             meta = write_bag(bag, storage, args.frames, args.camera_hz, args.rate, args.height, args.width)
-            reads, imports, steps = [], [], 0
-            for r in range(args.repeats):  # alternate so load drift hits both columns alike
+            reads, imports, raw_imports, resized, steps = [], [], [], [], 0
+            for r in range(args.repeats):  # alternate so load drift hits every column alike
                 reads.append(time_read(bag))
                 dt, steps = time_import(bag, tmp / f"out_{storage}_{r}", args.rate)
                 imports.append(dt)
+                raw_imports.append(time_import(bag, tmp / f"raw_{storage}_{r}", args.rate, compression=None)[0])
+                resized.append(time_import(bag, tmp / f"rs_{storage}_{r}", args.rate, image_size=[224, 224])[0])
             read_s, import_s = statistics.median(reads), statistics.median(imports)
             results[storage] = {
                 **meta, "imported_steps": steps,
@@ -112,6 +115,9 @@ def main() -> int:
                 "import_frames_per_s": args.frames / import_s,
                 "import_steps_per_s": steps / import_s,
                 "import_over_read_time": import_s / read_s,
+                "import_uncompressed_s": raw_imports, "import_resized_224_s": resized,
+                "import_uncompressed_frames_per_s": args.frames / statistics.median(raw_imports),
+                "import_resized_224_frames_per_s": args.frames / statistics.median(resized),
             }
             shutil.rmtree(bag, ignore_errors=True)
     finally:

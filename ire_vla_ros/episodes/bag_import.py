@@ -125,6 +125,10 @@ class BagImportConfig:
             raise ValueError(f"segment must be one of {SEGMENT_MODES}, got {self.segment!r}")
         if self.segment == "marker" and not self.marker_topic:
             raise ValueError("segment 'marker' needs marker_topic")
+        if isinstance(self.compression, str) and self.compression.lower() == "none":
+            self.compression = None
+        if self.compression not in ("lzf", "gzip", None):
+            raise ValueError(f"compression must be lzf, gzip or none, got {self.compression!r}")
         if self.stamps not in ("header", "bag"):
             raise ValueError(f"stamps must be 'header' or 'bag', got {self.stamps!r}")
         for name in ("control_rate_hz", "pair_tolerance_s", "command_timeout_s", "gap_s"):
@@ -695,7 +699,7 @@ _FLAG_FIELDS = {
     "success_topic": str, "instruction_topic": str, "ee_pose_topic": str, "marker_topic": str,
     "segment": str, "gap_s": float, "control_rate_hz": float, "pair_tolerance_s": float,
     "command_timeout_s": float, "action_spec": str, "camera_name": str, "instruction": str, "task": str,
-    "stamps": str, "min_steps": int,
+    "stamps": str, "min_steps": int, "compression": str,
 }
 
 
