@@ -439,6 +439,33 @@ def test_timeout_backend_and_refused_start(ros, tmp_path):
     assert not ros.call(SetBool, "/reward_node/mark_success", SetBool.Request(data=True)).success
 
 
+def test_reward_node_live_parameters(ros):
+    """A step limit lowered mid-episode through SetParameters ends the episode at the new limit;
+    the success reward set at run time is the one paid; start-up-only parameters are read-only."""
+    ros.add(RewardNode, backend="human", max_episode_steps=100)
+    rewards = ros.collect(Float32, "/reward_node/reward")
+    ends = ros.collect(Bool, "/reward_node/episode_end")
+    robot = FakeRobot(ros)
+    wait_matched(robot.action)
+    assert not _set_params(ros, "reward_node", auto_start=True)["auto_start"].successful
+    assert not _set_params(ros, "reward_node", reward_mode="shaped")["reward_mode"].successful
+    assert ros.call(Trigger, "/reward_node/start_episode").success
+    for k in range(3):
+        robot.act(k)
+        wait_for(lambda: len(rewards) == k + 1, 10, f"reward {k}")
+    r = _set_params(ros, "reward_node", max_episode_steps=4, success_reward=2.5)
+    assert all(v.successful for v in r.values()), r
+    robot.act(3)  # the 4th step: the new limit
+    wait_for(lambda: ends, 10, "episode end at the lowered limit")
+    assert [e.data for e in ends] == [False]
+    assert ros.call(Trigger, "/reward_node/start_episode").success
+    robot.act(0)
+    wait_for(lambda: len(rewards) == 5, 10, "a step of the second episode")  # 3 + the final one + 1
+    assert ros.call(SetBool, "/reward_node/mark_success", SetBool.Request(data=True)).success
+    wait_for(lambda: len(ends) == 2, 10, "second end")
+    assert ends[-1].data and rewards[-1].data == 2.5
+
+
 def test_full_queue_drops_are_counted_and_reported(ros, tmp_path):
     node = ros.add(RecorderNode, episodes_dir=str(tmp_path), instruction="reach", start_services=[""],
                    max_queue=2)

@@ -35,7 +35,7 @@ from std_msgs.msg import Bool, Float32
 from std_srvs.srv import SetBool, Trigger
 from sensor_msgs.msg import JointState
 
-from ire_vla_ros.nodes.ros_common import LATCHED_QOS, RELIABLE_QOS, P, declare_params, run_node
+from ire_vla_ros.nodes.ros_common import LATCHED_QOS, RELIABLE_QOS, P, bind_live_params, declare_params, run_node
 
 BACKENDS = ("sim", "human", "timeout")
 
@@ -143,14 +143,15 @@ class RewardNode(Node):
         "backend": P("sim", "Where success comes from: sim | human | timeout", read_only=True,
                      constraints="one of sim, human, timeout"),
         "reward_mode": P("sparse", "sparse: 1 on success else 0 (paper); dense: simulator reward",
-                         read_only=True, constraints="sparse | dense"),
+                         constraints="sparse | dense",
+                         validate=lambda v: None if v in ("sparse", "dense") else "must be sparse or dense"),
         "success_reward": P(1.0, "Reward of the successful step (sparse mode)"),
         "max_episode_steps": P(150, "End the episode as a failure after this many steps (0: no limit)", min=0),
         "max_episode_duration_s": P(0.0, "End the episode as a failure after this many seconds (0: no limit)",
                                     min=0.0),
         "min_steps_before_success": P(1, "Ignore simulator success before this many steps of the episode",
                                       min=0),
-        "auto_start": P(False, "Start an episode at start-up (else wait for ~/start_episode)"),
+        "auto_start": P(False, "Start an episode at start-up (else wait for ~/start_episode)", read_only=True),
         "action_topic": P("/policy_node/action", "Actions (one message = one step); can be changed while "
                           "no episode is active"),
         "sim_success_topic": P("/sim_node/success", "Simulator success flag (backend sim)", read_only=True),
@@ -177,8 +178,7 @@ class RewardNode(Node):
         self.create_service(Trigger, "~/start_episode", self._on_start)
         self.create_service(SetBool, "~/mark_success", self._on_mark)
         self.create_timer(self.p.check_period_s, self._on_check)
-        self.add_on_set_parameters_callback(self._validate_params)
-        self.add_post_set_parameters_callback(self._apply_params)
+        bind_live_params(self, self.PARAMS, self.p, check=self._check_params, apply=self._apply_params)
         self._publish_active()
         if self.p.auto_start:
             self._start()
@@ -187,25 +187,24 @@ class RewardNode(Node):
             f"duration<={self.p.max_episode_duration_s or 'inf'} s, actions from {self.p.action_topic}"
         )
 
-    def _validate_params(self, params):
-        from rcl_interfaces.msg import SetParametersResult
+    def _check_params(self, values: dict) -> str | None:
+        if values["action_topic"] != self.p.action_topic and self.judge.active:
+            return "an episode is active: end it before switching action_topic"
+        return None
 
-        if any(p.name == "action_topic" for p in params) and self.judge.active:
-            return SetParametersResult(successful=False, reason="an episode is active: end it first")
-        return SetParametersResult(successful=True)
-
-    def _apply_params(self, params):
-        for prm in params:  # limits apply from the next step on
-            if prm.name == "max_episode_steps":
-                self.judge.max_steps = int(prm.value)
-            elif prm.name == "max_episode_duration_s":
-                self.judge.max_duration_s = float(prm.value)
-            elif prm.name == "success_reward":
-                self.judge.success_reward = float(prm.value)
-            if prm.name == "action_topic" and prm.value != self._action_sub.topic_name:
-                self.destroy_subscription(self._action_sub)
-                self._action_sub = self.create_subscription(JointState, prm.value, self._on_action, RELIABLE_QOS)
-                self.get_logger().info(f"counting steps on {prm.value}")
+    def _apply_params(self, changed: dict) -> None:
+        """Limits and rewards apply from the next step on."""
+        judge = self.judge
+        for name, attr, cast in (("max_episode_steps", "max_steps", int), ("max_episode_duration_s",
+                                 "max_duration_s", float), ("success_reward", "success_reward", float),
+                                 ("min_steps_before_success", "min_steps", int), ("reward_mode", "reward_mode", str)):
+            if name in changed:
+                setattr(judge, attr, cast(changed[name]))
+        topic = changed.get("action_topic")
+        if topic and topic != self._action_sub.topic_name:
+            self.destroy_subscription(self._action_sub)
+            self._action_sub = self.create_subscription(JointState, topic, self._on_action, RELIABLE_QOS)
+        self.get_logger().info(f"parameters set: {changed}")
 
     @staticmethod
     def _now() -> float:
