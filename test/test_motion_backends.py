@@ -260,6 +260,26 @@ def test_moveit_py_start_up_error_is_one_clean_line(ros):
         mb.make_motion_backend(host, host.p, host.group)
 
 
+def test_policy_node_process_with_moveit_py_exits_with_one_line(ros_domain_id, tmp_path):
+    """The real start-up path (run_node -> PolicyNode -> make_motion_backend) in its own process:
+    exit code 1 and one FATAL line naming the cause, no traceback (issue: MoveItCpp threw instead)."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["-p", "motion_backend:=moveit_py", "-p", "moveit_pose_link:=tool0"]
+    if _moveit_available():  # then the missing config is the error to see
+        args += ["-p", "moveit_config_file:=" + str(tmp_path / "missing.yaml")]
+    out = subprocess.run([sys.executable, "-m", "ire_vla_ros.nodes.policy_node", "--ros-args", *args],
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, ROS_DOMAIN_ID=str(ros_domain_id)))
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-2000:]
+    assert "Traceback" not in text, text[-2000:]
+    fatal = [line for line in text.splitlines() if "cannot start" in line]
+    assert len(fatal) == 1 and ("moveit_py" in fatal[0] or "moveit_config_file" in fatal[0]), text[-2000:]
+
+
 class FakeMoveIt:
     """MoveItPy test double: a planning component whose plan() blocks until released, an execution manager."""
 
