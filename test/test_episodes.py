@@ -428,6 +428,24 @@ def test_action_statistics(tmp_path):
         action_statistics(np.empty((0, 4)))
 
 
+def test_step_info_round_trip_and_validation(tmp_path):
+    w = EpisodeWriter(tmp_path, instruction="x", task="t", source="policy", action_spec=METAWORLD_4D,
+                      joint_names=["a", "b"])
+    img = np.zeros((4, 4, 3), np.uint8)
+    step = dict(images={"main": img}, joint_positions=[0.0, 1.0], action=np.zeros(4), reward=0, timestamp=0)
+    w.append(**step, step_info={"joint_stamp_error_s": 0.002, "intervention": 0.0})
+    with pytest.raises(ValueError, match="differ from the first step"):
+        w.append(**step, step_info={"joint_stamp_error_s": 0.001})
+    with pytest.raises(ValueError, match="not finite"):
+        w.append(**step, step_info={"joint_stamp_error_s": float("nan"), "intervention": 0.0})
+    w.append(**step, step_info={"joint_stamp_error_s": 0.004, "intervention": 1.0})
+    ep = read_episode(w.finalize(True))
+    assert ep.n_steps == 2 and sorted(ep.step_info) == ["intervention", "joint_stamp_error_s"]
+    np.testing.assert_allclose(ep.step_info["joint_stamp_error_s"], [0.002, 0.004])
+    assert ep.step_info["intervention"].tolist() == [0.0, 1.0]
+    assert "step_info/joint_stamp_error_s min/mean/max: 0.002 / 0.003 / 0.004" in ep_inspect.show(ep.path)
+
+
 def test_action_spec_roundtrip_7d(tmp_path):
     spec = ActionSpec(names=tuple("abcdefg"), low=(-1.0,) * 7, high=(1.0,) * 7, translation_scale_m=0.02,
                       extra={"frame": "base"})

@@ -109,6 +109,8 @@ def show(path: str | os.PathLike) -> str:
     lines.append("  action min/mean/max per dim:")
     for k, nm in enumerate(ep.action_spec.names):
         lines.append(f"    {nm}: {a[:, k].min():+.3f} / {a[:, k].mean():+.3f} / {a[:, k].max():+.3f}")
+    for key, values in sorted(ep.step_info.items()):
+        lines.append(f"  step_info/{key} min/mean/max: {values.min():.4g} / {values.mean():.4g} / {values.max():.4g}")
     lines.append(f"  file size: {path.stat().st_size / 1024:.1f} KiB")
     return "\n".join(lines)
 
