@@ -7,7 +7,9 @@ One process, one SingleThreadedExecutor (as `ire-vla bringup` runs nodes), own d
 ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST. For each rate in --rates:
   * tick_rate_ratio   = measured ticks/s / nominal rate_hz over --seconds
   * twist_track_ratio = hand travel along x / (v * time the twist was held), v = --speed m/s
-  * stop_travel_m     = travel after a zero twist + pause (the motion backend's stop path)
+  * stop_travel_m     = travel after a zero twist + pause (the motion backend's stop path), and
+    timeout_travel_m  = travel when the sender just goes quiet (the twist runs until command_timeout_s),
+    measured one after the other in the same run (stop_vs_timeout_travel_ratio)
 Writes bench/results/sim_teleop.json with os.getloadavg() before and after.
 
     python bench/bench_sim_teleop.py [--rates 10 20] [--seconds 5] [--speed 0.05]
@@ -97,22 +99,35 @@ def run_one(rate_hz: float, seconds: float, speed: float, domain: int) -> dict:
         held_s = time.monotonic() - t0
         time.sleep(0.5)
         travel = float(ee()[0] - start[0])
-        # 3. the stop path: keep the twist going, then zero twist + pause; travel after the stop
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 0.5:
-            send(speed)
-            time.sleep(1.0 / rate_hz)
-        send(0.0)
-        fut = pause.call_async(SetBool.Request(data=True))
-        at_stop = ee()
-        time.sleep(1.0)
-        stop_travel = float(np.linalg.norm(ee() - at_stop))
-        ok = fut.done() and fut.result().success
+        # 3. the stop path side by side: travel after the last twist when the sender just goes
+        #    quiet (Servo-style timeout) and when it sends a zero twist + pause (motion_backends stop())
+        def drive_then(stop_kind: str) -> tuple[float, bool]:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 0.5:
+                send(speed)
+                time.sleep(1.0 / rate_hz)
+            ok = True
+            if stop_kind == "zero_twist_and_pause":
+                send(0.0)
+                fut = pause.call_async(SetBool.Request(data=True))
+            at_stop = ee()
+            time.sleep(1.0)
+            if stop_kind == "zero_twist_and_pause":
+                ok = fut.done() and fut.result().success
+                resume = pause.call_async(SetBool.Request(data=False))
+                time.sleep(0.3)
+                ok = ok and resume.done()
+            return float(np.linalg.norm(ee() - at_stop)), bool(ok)
+
+        timeout_travel, _ = drive_then("timeout")
+        stop_travel, ok = drive_then("zero_twist_and_pause")
         return {"rate_hz": rate_hz, "tick_rate_hz": round(tick_rate, 2),
                 "tick_rate_ratio": round(tick_rate / rate_hz, 3),
                 "twist_travel_m": round(travel, 4), "twist_asked_m": round(speed * held_s, 4),
                 "twist_track_ratio": round(travel / (speed * held_s), 3),
-                "stop_travel_m": round(stop_travel, 4), "pause_answered": bool(ok),
+                "stop_travel_m": round(stop_travel, 4), "timeout_travel_m": round(timeout_travel, 4),
+                "stop_vs_timeout_travel_ratio": round(stop_travel / timeout_travel, 3) if timeout_travel > 0 else None,
+                "pause_answered": bool(ok),
                 "messages_received": dict(counts)}
     finally:
         ex.shutdown()
