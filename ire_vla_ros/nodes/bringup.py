@@ -1,33 +1,51 @@
-"""`ire-vla bringup sim|robot`: the launch files' nodes in one process (manual composition).
+"""`ire-vla bringup sim|robot`: the launch files' nodes, in one process or one process per node.
 
-rclpy has no composable nodes (rclpy#575), so this starts the same nodes as
-`launch/sim.launch.py` / `launch/robot.launch.py`, with the same YAML files from config/ and the
-same per-mode overrides (`MODE_OVERRIDES`, kept equal to the launch files by
-test/test_launch_files.py), on one MultiThreadedExecutor. Ctrl-C shuts everything down cleanly.
+Starts the same nodes as `launch/sim.launch.py` / `launch/robot.launch.py`, with the same YAML
+files from config/ and the same per-mode overrides (`MODE_OVERRIDES`, kept equal to the launch
+files by test/test_launch_files.py). Two ways:
 
-Nothing DDS-related is set here: ROS_DOMAIN_ID, ROS_AUTOMATIC_DISCOVERY_RANGE and
-FASTDDS_DEFAULT_PROFILES_FILE are taken from the environment as they are. In sim mode a warning
-is printed when discovery is not confined to this machine.
+* default: all nodes in this process on one SingleThreadedExecutor (manual composition; rclpy has
+  no composable nodes, rclpy#575). Nothing DDS-related is set: ROS_DOMAIN_ID,
+  ROS_AUTOMATIC_DISCOVERY_RANGE and the Fast DDS profile come from the environment as they are.
+* `--processes`: each node in its own process (`python -m ire_vla_ros.nodes.<node> --ros-args
+  -r __node:=<node> --params-file config/<node>.yaml --params-file <overrides>.yaml -r ...`), as
+  `ros2 launch` starts them on a robot; a launcher where `ros2 launch` is absent. Each child gets
+  the environment plus the launch files' Fast DDS profile (`--dds-profile`, default
+  config/fastdds_shm.xml; '' keeps the environment's own) and, with the simulator or the fake
+  robot and no range set, ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST. Output lines are prefixed with
+  the node name. A child that exits is reported with its exit code; Ctrl-C / SIGTERM sends SIGINT
+  to every child, then SIGTERM after `--stop-timeout`, then SIGKILL.
+
+`--fake-robot` (robot mode) adds fake_robot_node: camera, /joint_states and /ee_pose at robot
+rates on the real topics, for running the robot bring-up without hardware.
+In sim mode a warning is printed when discovery is not confined to this machine.
 
     ire-vla bringup sim --teleop                 # scripted expert drives the sim, teleop episodes recorded
     ire-vla bringup sim --checkpoint ckpts       # the policy drives, policy episodes recorded
     ire-vla bringup robot --teleop --record teleop   # keyboard teleop in this terminal + recorder
     ire-vla bringup robot --checkpoint ckpts --set policy_node.command_frame=base_link
+    ire-vla bringup robot --processes --fake-robot  # one process per node, fake camera/arm at robot rates
 """
 from __future__ import annotations
 
 import argparse
 import os
 import signal
+import subprocess
 import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import yaml
 
 from ire_vla_ros.paths import config_path
 
 MODES = ("sim", "robot")
-NODE_NAMES = ("sim_node", "policy_node", "teleop_node", "reward_node", "recorder_node", "trainer_node")
+NODE_NAMES = ("sim_node", "policy_node", "teleop_node", "reward_node", "recorder_node", "trainer_node",
+              "fake_robot_node")
 
 #: Nodes per mode (teleop_node only with --teleop), in start order.
 MODE_NODES = {
@@ -73,13 +91,14 @@ REMAP_ARGS = {
 
 def node_classes():
     """Node name -> class (imported lazily: rclpy, torch, mujoco are heavy)."""
+    from ire_vla_ros.nodes.fake_robot_node import FakeRobotNode
     from ire_vla_ros.nodes.policy_node import PolicyNode
     from ire_vla_ros.nodes.recorder_node import RecorderNode
     from ire_vla_ros.nodes.reward_node import RewardNode
     from ire_vla_ros.nodes.trainer_node import TrainerNode
 
     classes = {"policy_node": PolicyNode, "recorder_node": RecorderNode, "reward_node": RewardNode,
-               "trainer_node": TrainerNode}
+               "trainer_node": TrainerNode, "fake_robot_node": FakeRobotNode}
     try:
         from ire_vla_ros.nodes.teleop_node import TeleopNode
 
@@ -120,6 +139,10 @@ def parse_set(item: str) -> tuple[str, str, object]:
 def plan(args) -> list[NodePlan]:
     """Which nodes start, with which YAML, overrides and remappings. No ROS needed."""
     names = [n for n in MODE_NODES[args.mode] if n != "teleop_node" or args.teleop]
+    if getattr(args, "fake_robot", False):
+        if args.mode != "robot":
+            raise ValueError("--fake-robot is for robot mode (in sim mode sim_node is the robot)")
+        names.insert(0, "fake_robot_node")
     names = [n for n in names if n not in set(args.skip or [])]
     overrides: dict[str, dict] = {}
     _merge(overrides, MODE_OVERRIDES[args.mode])
@@ -148,6 +171,11 @@ def plan(args) -> list[NodePlan]:
             overrides.setdefault("recorder_node", {})["task"] = task
     remaps = {REMAP_ARGS[k]: v for k, v in ((k, getattr(args, k, None)) for k in REMAP_ARGS)
               if v and v != REMAP_ARGS[k]}
+    if "fake_robot_node" in names:  # the fake robot publishes where the remapped drivers would
+        fake = {"camera_topic": args.camera_topic, "joint_states_topic": args.joint_states_topic,
+                "ee_pose_topic": args.ee_pose_topic, "command_frame": overrides.get("policy_node", {}).get(
+                    "command_frame", _yaml_param("policy_node", "command_frame") or "base_link")}
+        overrides["fake_robot_node"] = {**fake, **overrides.get("fake_robot_node", {})}
     return [NodePlan(n, str(config_path(f"{n}.yaml")), overrides.get(n, {}),
                      remaps if n in ("policy_node", "recorder_node") else {}) for n in names]
 
@@ -184,8 +212,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for k, default in REMAP_ARGS.items():
         parser.add_argument("--" + k.replace("_", "-"), dest=k, default=default,
                             help=f"remap {default} (policy and recorder) to this topic")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="executor threads; 1 = SingleThreadedExecutor (default: %(default)s)")
+    parser.add_argument("--processes", action="store_true",
+                        help="each node in its own process, as ros2 launch starts them (default: one process)")
+    parser.add_argument("--fake-robot", action="store_true",
+                        help="robot mode: also start fake_robot_node (camera 640x480 30 Hz, /joint_states "
+                             "500 Hz, /ee_pose 100 Hz) in place of the robot's drivers")
+    parser.add_argument("--dds-profile", metavar="XML", default=None,
+                        help="--processes: Fast DDS profile of every child (default: config/fastdds_shm.xml, "
+                             "as the launch files; '' keeps the environment's own)")
+    parser.add_argument("--fake-robot-no-shm", action="store_true",
+                        help="--processes: the fake robot runs without the DDS profile, like a stock driver")
+    parser.add_argument("--stop-timeout", type=float, default=15.0, metavar="S",
+                        help="--processes: SIGINT, then SIGTERM after S seconds, then SIGKILL (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit (no ROS)")
 
 
@@ -217,9 +255,11 @@ def run(args) -> int:
             print(f"{p.name}: {p.params_file} overrides={p.overrides} remaps={p.remaps}")
         return 0
     _warn_dds(args.mode)
+    if args.processes:
+        return run_processes(args, plans)
 
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.exceptions import ParameterException
 
     from ire_vla_ros.nodes.ros_common import NodeStartupError
@@ -250,10 +290,8 @@ def run(args) -> int:
                 log.fatal(f"{p.name} cannot start: {exc}")
                 code = 1
                 return code
-        # One thread by default: rclpy 7.1's MultiThreadedExecutor starved the sim's tick here
-        # (busy polling vs the GIL on 2 cores); every callback is short and nothing blocks on a future.
-        executor = (SingleThreadedExecutor() if args.threads <= 1
-                    else MultiThreadedExecutor(num_threads=args.threads))
+        # as run_node: heavy work is in the nodes' own threads, callbacks are short
+        executor = SingleThreadedExecutor()
         for n in nodes:
             executor.add_node(n)
         log.info(f"{args.mode}: running {', '.join(n.get_name() for n in nodes)}; Ctrl-C stops")
@@ -287,6 +325,150 @@ def _teardown(executor, nodes) -> None:
         except Exception as exc:  # noqa: BLE001 - keep destroying the others
             print(f"bringup: destroying {n.get_name()}: {exc}", file=sys.stderr)
     rclpy.try_shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# --processes: one child process per node
+# ---------------------------------------------------------------------------------------------
+PROFILE_VARS = ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")
+
+
+def child_command(p: NodePlan, extra_params_files: list[str], overrides_file: str | None) -> list[str]:
+    """The command line of one node, as launch_ros builds it for `Node(executable=..., name=...,
+    parameters=[yaml, {...}], remappings=[...])`: later parameter files win."""
+    cmd = [sys.executable, "-m", f"ire_vla_ros.nodes.{p.name}", "--ros-args", "-r", f"__node:={p.name}"]
+    if Path(p.params_file).is_file():
+        cmd += ["--params-file", p.params_file]
+    for extra in extra_params_files:
+        cmd += ["--params-file", extra]
+    if overrides_file:
+        cmd += ["--params-file", overrides_file]
+    for src, dst in p.remaps.items():
+        cmd += ["-r", f"{src}:={dst}"]
+    return cmd
+
+
+def child_env(args, name: str, base: dict | None = None) -> dict:
+    """The environment of one node: the caller's, the DDS profile, loopback discovery for sims."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("PYTHONUNBUFFERED", "1")  # lines reach the prefixing reader as they are written
+    if (args.mode == "sim" or args.fake_robot) and not env.get("ROS_AUTOMATIC_DISCOVERY_RANGE"):
+        env["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"  # a simulated robot stays on this machine
+    profile = str(config_path("fastdds_shm.xml")) if args.dds_profile is None else args.dds_profile
+    if name == "fake_robot_node" and args.fake_robot_no_shm:
+        for var in PROFILE_VARS:
+            env.pop(var, None)
+    elif profile:  # Fast DDS 2.14 (Jazzy) reads FASTRTPS_, 3.x FASTDDS_: as the launch files, both
+        for var in PROFILE_VARS:
+            env[var] = profile
+    return env
+
+
+def write_overrides(p: NodePlan, folder: str) -> str | None:
+    """The node's overrides as a ROS parameter file (what launch_ros does with a dict)."""
+    if not p.overrides:
+        return None
+    path = Path(folder) / f"{p.name}_overrides.yaml"
+    path.write_text(yaml.safe_dump({f"/{p.name}": {"ros__parameters": dict(p.overrides)}}))
+    return str(path)
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name} (exit code {code})"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class Child:
+    """One node process; a thread copies its output to ours, each line prefixed `[name]`."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, *, interactive: bool = False):
+        self.name, self.cmd = name, cmd
+        # own session: the terminal's Ctrl-C reaches only us, and we stop the children in order
+        self.proc = subprocess.Popen(cmd, env=env, stdin=None if interactive else subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     bufsize=1, start_new_session=True)
+        self.reported = False
+        self._reader = threading.Thread(target=self._copy_output, name=f"out-{name}", daemon=True)
+        self._reader.start()
+
+    def _copy_output(self) -> None:
+        for line in self.proc.stdout:
+            sys.stdout.write(f"[{self.name}] {line}")
+            sys.stdout.flush()
+
+    def signal(self, sig) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+    def finish(self) -> None:
+        self._reader.join(timeout=2.0)
+
+
+def stop_children(children: list[Child], timeout_s: float, say) -> None:
+    """SIGINT (the node's clean shutdown) to all, SIGTERM to those left after timeout_s, then SIGKILL."""
+    for sig, wait_s in ((signal.SIGINT, timeout_s), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        alive = [c for c in children if c.proc.poll() is None]
+        if not alive:
+            return
+        if sig != signal.SIGINT:
+            say(f"{', '.join(c.name for c in alive)} still running: {sig.name}")
+        for c in reversed(alive):  # reverse start order, as ros2 launch
+            c.signal(sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and any(c.proc.poll() is None for c in alive):
+            time.sleep(0.05)
+
+
+def run_processes(args, plans: list[NodePlan]) -> int:
+    """Start one process per node; supervise; stop them all on Ctrl-C / SIGTERM. Exit code: 0 when
+    stopped on request and every child ended cleanly, else 1."""
+    stop = threading.Event()
+
+    def say(text: str) -> None:
+        print(f"[bringup] {text}", flush=True)
+
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    children: list[Child] = []
+    failed = False
+    with tempfile.TemporaryDirectory(prefix="ire_vla_bringup_") as folder:
+        try:
+            for p in plans:
+                cmd = child_command(p, list(args.params_file or []), write_overrides(p, folder))
+                interactive = p.name == "teleop_node" and args.mode == "robot"  # keyboard on this terminal
+                children.append(Child(p.name, cmd, child_env(args, p.name), interactive=interactive))
+                say(f"started {p.name} (pid {children[-1].proc.pid})")
+            say(f"{args.mode}: {len(children)} processes; Ctrl-C stops them")
+            while not stop.wait(0.2):
+                for c in children:
+                    code = c.proc.poll()
+                    if code is not None and not c.reported:
+                        c.reported = True
+                        failed = failed or code != 0
+                        say(f"{c.name} exited: {describe_exit(code)}")
+                if all(c.reported for c in children):
+                    say("every node has exited")
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_IGN if sig == signal.SIGINT else handler)
+            stop_children(children, args.stop_timeout, say)
+            for c in children:
+                c.finish()
+                if not c.reported:
+                    code = c.proc.returncode
+                    clean = code in (0, -signal.SIGINT)
+                    failed = failed or not clean
+                    say(f"{c.name} stopped: {describe_exit(code)}")
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return 1 if failed else 0
 
 
 def main(argv=None) -> int:

@@ -117,18 +117,24 @@ class StreamStats:
 
 
 class PeriodicThread(threading.Thread):
-    """Calls `tick()` every `period` s on an absolute schedule until `stop` is set."""
+    """Calls `tick()` every `period` s on an absolute schedule until `stop` is set or `alive()`
+    turns false (Ctrl-C shuts the ROS context down before the node is destroyed)."""
 
-    def __init__(self, name: str, hz: float, tick, stats: StreamStats, stop: threading.Event):
+    def __init__(self, name: str, hz: float, tick, stats: StreamStats, stop: threading.Event, alive):
         super().__init__(name=name, daemon=True)
         self.period = 1.0 / hz
-        self.tick, self.stats, self.stop = tick, stats, stop
+        self.tick, self.stats, self.stop, self.alive = tick, stats, stop, alive
 
     def run(self) -> None:
         next_t = time.monotonic()
         self.stats.started = next_t
         while not self.stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - publishing into a context that is shutting down
+                if self.alive():
+                    raise
+                return
             next_t += self.period
             delay = next_t - time.monotonic()
             if delay > 0.02:
@@ -205,7 +211,7 @@ class FakeRobotNode(Node):
     # -- streams ---------------------------------------------------------------------------------
     def _start(self, name: str, hz: float, tick) -> None:
         stats = self._stats[name] = StreamStats(target_hz=hz)
-        thread = PeriodicThread(f"fake_robot_{name}", hz, tick, stats, self._stop)
+        thread = PeriodicThread(f"fake_robot_{name}", hz, tick, stats, self._stop, self.context.ok)
         self._threads.append(thread)
         thread.start()
 
