@@ -59,7 +59,7 @@ import numpy as np
 
 from ire_vla_ros.episodes.store import EpisodeWriter
 from ire_vla_ros.robot.image_codec import ImageDecodeError, decode_image, resize_rgb
-from ire_vla_ros.robot.motion import rpy_to_quat, quat_mul
+from ire_vla_ros.robot.motion import quat_mul
 from ire_vla_ros.vla.action_spec import ActionSpec
 
 __all__ = [
@@ -575,7 +575,8 @@ def import_bag(bag: str | Path, out: str | Path, cfg: BagImportConfig, *, spec: 
         if not keep:
             raise BagImportError(bag, cfg.command_topic, (
                 f"no episode with >= {cfg.min_steps} paired steps (dropped ticks {dropped}; "
-                f"check pair_tolerance_s={cfg.pair_tolerance_s} and the topics' stamps)"))
+                f"check pair_tolerance_s={cfg.pair_tolerance_s} and the topics' header stamps; --stamps bag uses "
+                f"receive times)"))
         labels = {}
         for si in keep:
             a, b = segs[si]["range"]

@@ -46,7 +46,6 @@ levels on natural-looking images (`test/test_export.py` checks it).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
