@@ -56,7 +56,7 @@ def write_demo_bag(path: Path, actions: np.ndarray, *, storage: str = "mcap", t0
                    cam: str = "raw", encoding: str = "rgb8", joint_hz: float = 50.0, command: str = "twist",
                    success: bool | None = None, markers: list[int] | None = None, gaps_after: tuple = (),
                    cmd_substeps: int = 1, bad_frame: int | None = None, topics_skip: tuple = (),
-                   success_after: dict | None = None) -> list[int]:
+                   success_after: dict | None = None, camera_clock_offset_s: float = 0.0) -> list[int]:
     """A teleop demo as a robot would record it: camera at the control rate, joints at 50 Hz,
     the commands policy_node would publish for `actions`. Returns the image stamps (ns)."""
     stamps = []
@@ -83,8 +83,8 @@ def write_demo_bag(path: Path, actions: np.ndarray, *, storage: str = "mcap", t0
                                                                   img.shape[1] * 2, b"\0" * img.shape[0] * img.shape[1] * 2)))
             elif cam == "compressed":
                 msgs.append(("/camera/image_raw", ti, w.compressed_image(ti, img)))
-            else:
-                msgs.append(("/camera/image_raw", ti, w.image(ti, img, encoding)))
+            else:  # a camera may stamp with its own clock (header) while the bag logs receive time
+                msgs.append(("/camera/image_raw", ti, w.image(ti + int(camera_clock_offset_s * NS), img, encoding)))
             delta = action_to_delta(a, EE_DELTA_7D)
             tc = ti + 2_000_000  # the policy publishes a few ms after the frame it acted on
             if command == "twist":
@@ -317,3 +317,14 @@ def test_cli_checkpoint_gives_action_spec_and_joint_order(tmp_path, capsys):
     expected = actions[:, [0, 1, 2, 6]].copy()
     expected[:, :3] *= EE_DELTA_7D.translation_scale_m / spec.translation_scale_m
     np.testing.assert_allclose(ep.actions, expected, atol=1e-5)
+
+
+def test_camera_on_another_clock_needs_bag_stamps(tmp_path):
+    actions = _actions(6)
+    bag = tmp_path / "clock"
+    write_demo_bag(bag, actions, camera_clock_offset_s=-500.0)  # header stamps 500 s behind
+    with pytest.raises(BagImportError, match="--stamps bag"):
+        import_bag(bag, tmp_path / "o", _cfg())
+    ep = read_episode(import_bag(bag, tmp_path / "o", _cfg(stamps="bag")).episodes[0])
+    np.testing.assert_allclose(ep.actions, actions, atol=1e-5)
+    np.testing.assert_array_equal(ep.images["main"][5], _frame(5))
