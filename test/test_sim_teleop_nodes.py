@@ -12,22 +12,17 @@ import pty
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 import rclpy
 from geometry_msgs.msg import PoseStamped, TwistStamped
-from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor
-from rclpy.node import Node
-from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float32, Float64, String
 from std_srvs.srv import SetBool, Trigger
 
-from ire_vla_ros.nodes.ros_common import COMMAND_QOS, LATCHED_QOS, RELIABLE_QOS, SENSOR_QOS
+from ire_vla_ros.nodes.ros_common import COMMAND_QOS, LATCHED_QOS, SENSOR_QOS
 from ire_vla_ros.nodes.sim_node import CommandMixer, SimNode, pose_to_action, twist_to_action
 from ire_vla_ros.nodes.teleop_node import (
     KeyboardMapper,
@@ -37,7 +32,7 @@ from ire_vla_ros.nodes.teleop_node import (
 )
 from ire_vla_ros.robot.image_codec import decode_image_msg
 from ire_vla_ros.vla.action_spec import EE_DELTA_7D, METAWORLD_4D
-from ros_harness import Harness, wait_for  # noqa: E402
+from ros_harness import wait_for  # noqa: E402
 
 TASK = "button-press-topdown-v3"
 
@@ -99,19 +94,8 @@ def test_keyboard_mapper_and_noise():
 
 
 # =============================================================================================
-# ROS
+# ROS (the shared `ros` fixture of conftest.py: own domain, single-threaded executor, probe node)
 # =============================================================================================
-
-
-
-
-@pytest.fixture
-def ros(ros_domain_id):
-    # A single-threaded executor: with rclpy 7.1's MultiThreadedExecutor the sim's 20 Hz tick ran
-    # 0-7 times a second in this process (busy polling starves it of the GIL on 2 cores).
-    h = Harness(ros_domain_id, num_threads=0)
-    yield h
-    h.close()
 
 
 def _ee(msgs):
