@@ -322,7 +322,7 @@ def test_cli_checkpoint_gives_action_spec_and_joint_order(tmp_path, capsys):
 def test_camera_on_another_clock_needs_bag_stamps(tmp_path):
     actions = _actions(6)
     bag = tmp_path / "clock"
-    write_demo_bag(bag, actions, camera_clock_offset_s=-500.0)  # header stamps 500 s behind
+    write_demo_bag(bag, actions, camera_clock_offset_s=500.0)  # header stamps 500 s ahead
     with pytest.raises(BagImportError, match="--stamps bag"):
         import_bag(bag, tmp_path / "o", _cfg())
     ep = read_episode(import_bag(bag, tmp_path / "o", _cfg(stamps="bag")).episodes[0])
