@@ -297,18 +297,52 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("OpenGL").setLevel(logging.WARNING)  # "No OpenGL_accelerate module" on every run
     if getattr(args, "bringup_error", None):
         print(f"ire-vla bringup needs ROS 2 (rclpy): {args.bringup_error}", file=sys.stderr)
         return 2
-    if getattr(args, "tensorboard", None):
-        from .training import tb
+    try:
+        if getattr(args, "tensorboard", None):
+            from .training import tb
 
-        tb.enable(args.tensorboard)
-        try:
-            return int(args.func(args) or 0)
-        finally:
-            tb.close()
-    return int(args.func(args) or 0)
+            tb.enable(args.tensorboard)
+            try:
+                return int(args.func(args) or 0)
+            finally:
+                tb.close()
+        return int(args.func(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - user mistakes become one line; anything else re-raised
+        reason = user_error(exc, args)
+        if reason is None:
+            raise
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"ire-vla {args.command}: {reason}" + ("" if args.verbose else "  (-v: traceback)"),
+              file=sys.stderr)
+        return 2
+
+
+def user_error(exc: BaseException, args) -> str | None:
+    """One line naming the file and the reason for a user's mistake (a corrupt or truncated
+    checkpoint, a missing path, a bad config value), or None for a bug (which keeps its traceback)."""
+    import yaml
+
+    from .vla.checkpoint import CheckpointError
+
+    config = getattr(args, "config", None)
+    if isinstance(exc, CheckpointError):
+        return str(exc)  # names the checkpoint file and what is wrong with it
+    if isinstance(exc, OSError) and exc.filename:  # missing path, permission, not a directory
+        return f"{exc.filename}: {exc.strerror or exc}"
+    if isinstance(exc, yaml.YAMLError):
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        return f"{config}: invalid YAML{where}: {getattr(exc, 'problem', None) or exc}"
+    if isinstance(exc, ValueError) and config is not None and str(exc).startswith((str(config), "config", "override")):
+        return str(exc)  # load_iterate_config names the file and the key: "<file>.ppo.lr: expected a number"
+    return None
 
 
 if __name__ == "__main__":

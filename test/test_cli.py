@@ -77,3 +77,85 @@ def test_collect_train_and_eval_commands_chain(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(resolve_checkpoint(ck)), "--episodes", "1", *task, *tiny]) == 0
     assert '"success_rate"' in capsys.readouterr().out
+
+
+# -- user mistakes: one line naming the file and the reason, exit code 2, traceback only with -v ----
+def _corrupt_copy(tmp_path, how: str):
+    import shutil
+
+    from ire_vla_ros.paths import models_dir
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(models_dir() / "metaworld_tiny", ckpt)
+    heads = ckpt / "heads.safetensors"
+    data = bytearray(heads.read_bytes())
+    if how == "truncated":
+        heads.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # same size, flipped bytes
+        data[-100:] = bytes(255 - b for b in data[-100:])
+        heads.write_bytes(bytes(data))
+    return ckpt
+
+
+def _one_line_error(capsys, argv, *must_contain):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for text in must_contain:
+        assert text in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("how,reason", [("truncated", "truncated"), ("corrupted", "sha256")])
+def test_bad_checkpoint_is_one_line(tmp_path, capsys, how, reason):
+    ckpt = _corrupt_copy(tmp_path, how)
+    _one_line_error(capsys, ["eval", str(ckpt), "--device", "cpu", "--episodes", "1"],
+                    str(ckpt), "heads.safetensors", reason)
+    # with -v the traceback is shown too
+    assert main(["-v", "eval", str(ckpt), "--device", "cpu", "--episodes", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "CheckpointError" in err
+
+
+def test_missing_paths_are_one_line(tmp_path, capsys):
+    missing = tmp_path / "no_such_checkpoint"
+    _one_line_error(capsys, ["eval", str(missing), "--device", "cpu"], str(missing))
+    missing_cfg = tmp_path / "no_such.yaml"
+    _one_line_error(capsys, ["train", "sft", "--episodes", str(tmp_path), "--checkpoints", str(tmp_path / "c"),
+                             "--config", str(missing_cfg)], str(missing_cfg), "No such file")
+
+
+def test_bad_config_values_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ppo:\n  lr_actor: fast\n")
+    _one_line_error(capsys, ["eval", "x", "--config", str(bad)], str(bad), "lr_actor", "expected a number")
+    bad.write_text("ppo:\n  lr_actor: [1,\n")
+    _one_line_error(capsys, ["eval", "x", "--config", str(bad)], str(bad), "invalid YAML")
+    bad.write_text("ppo:\n  learning_rat: 0.1\n")
+    _one_line_error(capsys, ["eval", "x", "--config", str(bad)], str(bad), "unknown keys")
+    _one_line_error(capsys, ["eval", "x", "--set", "sft.steps=many"], "sft.steps", "expected a number")
+
+
+def test_bad_checkpoint_as_a_process_exit_code_2(tmp_path):
+    ckpt = _corrupt_copy(tmp_path, "truncated")
+    out = subprocess.run([sys.executable, "-m", "ire_vla_ros.cli", "eval", str(ckpt), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "truncated" in lines[0] and str(ckpt) in lines[0], out.stderr
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only user mistakes are shortened: an unexpected error still raises with its traceback."""
+    import ire_vla_ros.cli as cli
+
+    def broken(_args):
+        raise ZeroDivisionError("a bug")
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["episodes", "list", "."])
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv=None: (setattr(args, "func", broken), args)[1])
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["episodes", "list", "."])
