@@ -181,6 +181,39 @@ def test_session_refusals_and_writer_failure(tmp_path):
     rec.close()
 
 
+def test_session_records_interventions(tmp_path):
+    """Operator actions during a policy episode are steps flagged as interventions (with log_prob/value
+    0 to keep the policy terms on every step); the policy's actions while the operator holds the
+    robot are skipped; the metadata counts the interventions."""
+    results = []
+    rec, now, s = _session(tmp_path, results, intervention_hold_s=0.5)
+    assert s.request_start() is None
+    s.begin_recording()
+    t = now["ns"]
+    s.add_joints(t, JOINTS, [0.0, 0.0, 0.0])
+    s.add_image(t, np.zeros((4, 4, 3), np.uint8))
+    policy = list(pack_action(ACTION_NAMES, [0.1, 0, 0, 1], -1.0, 0.3))
+    teleop = list(pack_action(ACTION_NAMES, [0.9, 0, 0, -1]))
+    idle = list(pack_action(ACTION_NAMES, [0, 0, 0, -1]))
+    assert s.on_action(t, *idle, intervention=True) == "operator idle"  # zero motion: not an intervention
+    assert s.on_action(t, *policy) is None
+    assert s.on_action(t, *teleop, intervention=True) is None
+    now["ns"] += 100 * MS
+    assert s.on_action(t, *policy) == "the operator is intervening"  # within the hold
+    assert s.on_action(t, *teleop, intervention=True) is None
+    now["ns"] += 600 * MS
+    assert s.on_action(t, *idle, intervention=True) == "operator idle"  # no motion, same gripper
+    assert s.on_action(t, *policy) is None  # the operator let go
+    assert s.finish(True, "test")[0]
+    assert rec.flush(10.0) and results[-1][0] == "saved", results
+    ep = read_episode(results[-1][1])
+    assert ep.step_info["intervention"].tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert ep.actions[:, 0].tolist() == pytest.approx([0.1, 0.9, 0.9, 0.1])
+    assert ep.log_probs.tolist() == [-1.0, 0.0, 0.0, -1.0]
+    assert ep.metadata["interventions"] == 2 and s.counters["skipped_during_intervention"] == 1
+    rec.close()
+
+
 def test_episode_judge_backends():
     j = EpisodeJudge("sim", max_steps=5)
     assert j.on_step(0.0) == (None, None)  # not started
@@ -464,6 +497,32 @@ def test_reward_node_live_parameters(ros):
     assert ros.call(SetBool, "/reward_node/mark_success", SetBool.Request(data=True)).success
     wait_for(lambda: len(ends) == 2, 10, "second end")
     assert ends[-1].data and rewards[-1].data == 2.5
+
+
+def test_recorder_node_records_operator_interventions(ros, tmp_path):
+    node = ros.add(RecorderNode, episodes_dir=str(tmp_path), instruction="reach", start_services=[""],
+                   intervention_hold_s=5.0)
+    robot = FakeRobot(ros)
+    teleop = ros.probe.create_publisher(JointState, "/teleop_node/action", RELIABLE_QOS)
+    saved = ros.collect(String, "/recorder_node/episode_saved")
+    status = ros.collect(String, "/recorder_node/status", LATCHED_QOS)
+    for pub in (robot.image, robot.joints, robot.action, teleop):
+        wait_matched(pub)
+    start_episode(ros, status, robot)
+    robot.observe(0)
+    wait_for(lambda: len(node.session.images) and len(node.session.joints), 10, "the observation")
+    robot.act(0)
+    wait_for(lambda: node.session.counters["episode_steps"] == 1, 10, "the policy's step")
+    names, values = pack_action(ACTION_NAMES, [0.5, 0, 0, -1])
+    teleop.publish(JointState(header=Header(stamp=robot.stamp(0)), name=names, position=values))
+    wait_for(lambda: node.session.counters["interventions"] == 1, 10, "the operator's step")
+    robot.act(0)  # within the hold: the robot follows the operator, not this action
+    wait_for(lambda: node.session.counters["skipped_during_intervention"] == 1, 10, "the skipped policy action")
+    assert ros.call(Trigger, "/recorder_node/stop_episode").success
+    wait_for(lambda: saved, 20, "episode saved")
+    ep = read_episode(saved[0].data)
+    assert ep.step_info["intervention"].tolist() == [0.0, 1.0] and ep.metadata["interventions"] == 1
+    assert ep.actions[:, 0].tolist() == pytest.approx([0.0, 0.5])
 
 
 def test_full_queue_drops_are_counted_and_reported(ros, tmp_path):

@@ -22,6 +22,11 @@ through `on_result("failed", ...)`; the session returns to idle.
 
 Rewards: `reward[t]` is the newest reward received before action t+1 arrives (or before the
 episode ends), i.e. the reward that *followed* action t.
+
+Interventions (HIL-SERL): with `intervention_hold_s` > 0 the operator's actions arriving during a
+policy episode are recorded as steps flagged `step_info/intervention = 1` (the episode metadata
+counts them); the policy's actions while the operator holds the robot are skipped and counted.
+An idle operator (a keyboard teleop's zero-motion steps, gripper unchanged) does not intervene.
 """
 from __future__ import annotations
 
@@ -430,13 +435,18 @@ class EpisodeSession:
 
     def __init__(self, recorder: EpisodeRecorder, *, clock_ns: Callable[[], int],
                  make_meta: Callable[[list[str], list[str]], dict], joint_names: Sequence[str] = (),
-                 window_s: float = 1.0, tolerance_s: float = 0.02, foreign_clock_s: float = 5.0):
+                 window_s: float = 1.0, tolerance_s: float = 0.02, foreign_clock_s: float = 5.0,
+                 intervention_hold_s: float = 0.0, policy_terms_on_interventions: bool = True):
         self.recorder = recorder
         self._clock_ns = clock_ns
         self._make_meta = make_meta
         self.joint_names = list(joint_names)
         self.tolerance_ns = int(tolerance_s * NS)
         self._foreign_ns = int(foreign_clock_s * NS)
+        self.intervention_hold_ns = int(intervention_hold_s * NS)
+        self.policy_terms_on_interventions = policy_terms_on_interventions
+        self._last_intervention_ns = -(10**18)
+        self._operator_gripper: float | None = None
         self.images = StampBuffer(window_s)
         self.joints = JointStateCache(window_s)
         self._lock = threading.RLock()
@@ -452,7 +462,7 @@ class EpisodeSession:
         self.reset_episode_counters()
 
     def reset_episode_counters(self) -> None:
-        for key in ("episode_steps", "exact_image_steps", "pairing_mismatches"):
+        for key in ("episode_steps", "exact_image_steps", "pairing_mismatches", "interventions"):
             self.counters[key] = 0
         self._errors_ns = []
 
@@ -484,11 +494,26 @@ class EpisodeSession:
     def set_reward(self, reward: float) -> None:
         self._reward = float(reward)
 
-    def on_action(self, t_ns: int, names, values, step_info: dict | None = None) -> str | None:
-        """Record one step for an action stamped t_ns; None, or why it was not recorded."""
+    def on_action(self, t_ns: int, names, values, *, intervention: bool = False) -> str | None:
+        """Record one step for an action stamped t_ns; None, or why it was not recorded.
+
+        With interventions tracked (`intervention_hold_s` > 0), every step carries
+        step_info["intervention"]: 1 for an action of the intervening operator (teleop during a
+        policy episode), 0 otherwise. The policy's own actions within `intervention_hold_s` of the
+        operator's last one are not what the robot executed: skipped and counted. An intervention
+        step of an episode whose steps carry log_prob/value gets 0 for both (flagged by the step's
+        intervention value)."""
         with self._lock:
             if self.state != "recording":
                 return f"not recording ({self.state})"
+            now = self._clock_ns()
+            if intervention:
+                if self._operator_idle(names, values):
+                    return "operator idle"
+                self._last_intervention_ns = now
+            elif self.intervention_hold_ns and now - self._last_intervention_ns < self.intervention_hold_ns:
+                self.counters["skipped_during_intervention"] += 1
+                return "the operator is intervening"
             if self._before_start(t_ns):
                 self.counters["skipped_stale"] += 1  # acted on an observation of the previous episode
                 return "action stamped before the episode started"
@@ -518,7 +543,11 @@ class EpisodeSession:
                 self.counters["rejected_actions"] += 1
                 return f"action names {action_names} differ from the episode's {self._action_names}"
             info = {"joint_stamp_error_s": err_ns / NS}
-            info.update(step_info or {})
+            if self.intervention_hold_ns:
+                info["intervention"] = float(intervention)
+                if intervention and log_prob is None and self.policy_terms_on_interventions:
+                    log_prob, value = 0.0, 0.0
+                self.counters["interventions"] += int(intervention)
             self._push_pending()
             self._pending = Step(image=image, joint_positions=joints, action=action, timestamp=img_ns / NS,
                                  log_prob=log_prob, value=value, image_exact=exact, step_info=info)
@@ -530,6 +559,19 @@ class EpisodeSession:
                 self.counters["pairing_mismatches_total"] += 1
                 return None  # recorded, with its error (the caller may warn)
             return None
+
+    def _operator_idle(self, names, values) -> bool:
+        """A keyboard teleop publishes zero-motion steps while no key is held: not an intervention.
+        Idle = every component but the gripper is 0 and the gripper has not changed."""
+        try:
+            action_names, action, _, _ = split_action(names, values)
+        except ValueError:
+            return False  # let on_action count the rejection
+        grip = [i for i, n in enumerate(action_names) if n == "gripper"]
+        gripper = float(action[grip[0]]) if grip else None
+        previous, self._operator_gripper = self._operator_gripper, gripper
+        moving = [a for i, a in enumerate(action) if i not in grip]
+        return not any(moving) and (previous is None or gripper == previous)
 
     def _push_pending(self) -> None:
         """Queue the held-back step with the reward that followed it (caller holds the lock)."""
@@ -599,7 +641,8 @@ class EpisodeSession:
                 if success is None:
                     self.recorder.abort(why)
                 else:
-                    meta = {"end_reason": why, "steps_seen": steps, "pairing": self.pairing_summary()}
+                    meta = {"end_reason": why, "steps_seen": steps, "pairing": self.pairing_summary(),
+                            "interventions": int(self.counters["interventions"])}
                     meta.update(metadata or {})
                     self.recorder.end(success, meta)
         if not begun:
@@ -628,6 +671,7 @@ class EpisodeSession:
             exact_image_steps=c["exact_image_steps"], skipped_no_obs=c["skipped_no_obs"],
             skipped_stale=c["skipped_stale"], rejected_actions=c["rejected_actions"],
             pairing_mismatches=c["pairing_mismatches"], pairing_mismatches_total=c["pairing_mismatches_total"],
+            interventions=c["interventions"], skipped_during_intervention=c["skipped_during_intervention"],
             image_buffer_s=round(self.images.span_s(), 3),
             episodes_saved=s.episodes_saved, episodes_discarded=s.episodes_discarded,
             episodes_failed=s.episodes_failed,

@@ -11,6 +11,8 @@ Interface
                                                        publish separately)
   sub  <instruction_topic>    std_msgs/String          transient local
   sub  <action_topic>         sensor_msgs/JointState   one message = one step (robot/action_msg.py)
+  sub  <intervention_topic>   sensor_msgs/JointState   the operator's actions during a policy episode:
+                                                       recorded as intervention steps (step_info)
   sub  <reward_topic>         std_msgs/Float32
   sub  <episode_end_topic>    std_msgs/Bool            ends the episode with data as its success label
   sub  <policy_params_topic>  std_msgs/String          JSON, latched: the policy's safety parameters
@@ -35,7 +37,6 @@ import json
 from pathlib import Path
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image, JointState
@@ -47,6 +48,7 @@ from ire_vla_ros.nodes.ros_common import (
     LATCHED_QOS, RELIABLE_QOS, SENSOR_QOS, NodeStartupError, P, bind_live_params, declare_params, run_node,
     stamp_ns,
 )
+from ire_vla_ros.nodes.service_chain import TriggerChain
 from ire_vla_ros.robot.action_msg import check_action_spec_setting, resolve_action_spec
 
 MAX_ACTION_COMPONENTS = 64
@@ -73,6 +75,11 @@ class RecorderNode(Node):
                          validate=check_action_spec_setting),
         "action_topic": P("/policy_node/action", "Actions (JointState layout); one message = one step. "
                           "Can be changed while no episode is recorded (switch teleop <-> policy)"),
+        "intervention_topic": P("/teleop_node/action", "Operator actions that override the policy: recorded "
+                                "as intervention steps while action_topic is another topic (empty: off)",
+                                read_only=True),
+        "intervention_hold_s": P(0.5, "After an operator action, the policy's actions are not recorded for "
+                                 "this long (the robot follows the operator)", min=0.01, max=10.0),
         "image_topic": P("/camera/image_raw", "Camera image (sensor-data QoS)", read_only=True),
         "joint_states_topic": P("/joint_states", "Joint states", read_only=True),
         "instruction_topic": P("/policy_node/instruction", "Task instruction (transient local)", read_only=True),
@@ -122,6 +129,7 @@ class RecorderNode(Node):
         self.session = EpisodeSession(
             self.recorder, clock_ns=lambda: self.get_clock().now().nanoseconds, make_meta=self._episode_meta,
             joint_names=p.joint_names, window_s=p.buffer_s, tolerance_s=p.pairing_tolerance_s)
+        self._track_interventions()
         self.rejected = collections.Counter()
         self._instruction = p.instruction
         self._policy_params: dict | None = None
@@ -138,11 +146,11 @@ class RecorderNode(Node):
             self.create_subscription(Bool, p.episode_end_topic, self._on_episode_end, RELIABLE_QOS)
         if p.policy_params_topic:
             self.create_subscription(String, p.policy_params_topic, self._on_policy_params, LATCHED_QOS)
+        if p.intervention_topic:
+            self.create_subscription(JointState, p.intervention_topic, self._on_intervention, RELIABLE_QOS)
 
-        self._start_group = ReentrantCallbackGroup()
-        self._start_clients = [self.create_client(Trigger, name, callback_group=self._start_group)
-                               for name in p.start_services if name]
-        self.create_service(Trigger, "~/start_episode", self._on_start, callback_group=self._start_group)
+        self._start_chain = TriggerChain(self, p.start_services, timeout_s=p.service_timeout_s)
+        self.create_service(Trigger, "~/start_episode", self._on_start, callback_group=self._start_chain.group)
         self.create_service(Trigger, "~/stop_episode",
                             lambda _q, r: self._stop(r, bool(self.p.success_on_stop), "~/stop_episode"))
         self.create_service(SetBool, "~/stop_episode_labeled",
@@ -173,6 +181,10 @@ class RecorderNode(Node):
             self.destroy_subscription(self._action_sub)
             self._action_sub = self.create_subscription(JointState, changed["action_topic"], self._on_action,
                                                         RELIABLE_QOS)
+        if "service_timeout_s" in changed:
+            self._start_chain.timeout_s = float(changed["service_timeout_s"])
+        if "action_topic" in changed or "intervention_hold_s" in changed or "source" in changed:
+            self._track_interventions()
         if "buffer_s" in changed:
             self.session.set_window(changed["buffer_s"])
         if "pairing_tolerance_s" in changed:
@@ -182,6 +194,12 @@ class RecorderNode(Node):
         if "instruction" in changed and changed["instruction"]:
             self._instruction = changed["instruction"]
         self.get_logger().info(f"parameters set: {changed}")
+
+    def _track_interventions(self) -> None:
+        """Operator actions count as interventions while another topic (the policy's) is recorded."""
+        on = bool(self.p.intervention_topic) and self.p.intervention_topic != self.p.action_topic
+        self.session.intervention_hold_ns = int(self.p.intervention_hold_s * 1e9) if on else 0
+        self.session.policy_terms_on_interventions = self.p.source != "teleop"
 
     def _episode_meta(self, action_names: list[str], joint_names: list[str]) -> dict:
         """Writer metadata of a new episode (called at its first step)."""
@@ -241,6 +259,12 @@ class RecorderNode(Node):
         if why is not None and self.session.state == "recording":
             self.get_logger().warning(f"step not recorded: {why}", throttle_duration_sec=2.0)
 
+    def _on_intervention(self, msg: JointState) -> None:
+        if self.session.intervention_hold_ns and len(msg.name) <= MAX_ACTION_COMPONENTS:
+            why = self.session.on_action(stamp_ns(msg.header.stamp), msg.name, msg.position, intervention=True)
+            if why is not None and self.session.state == "recording":
+                self.get_logger().warning(f"intervention step not recorded: {why}", throttle_duration_sec=2.0)
+
     # episode control ---------------------------------------------------------------------------
     def _on_start(self, _req, resp):
         from ire_vla_ros.diskspace import DiskSpaceError, require_free_space
@@ -252,46 +276,21 @@ class RecorderNode(Node):
             self.recorder.stats.last_error = resp.message
             self._publish_status()
             return resp
-        missing = [c.srv_name for c in self._start_clients if not c.service_is_ready()]
+        missing = self._start_chain.missing()
         refusal = (f"cannot start: service(s) {missing} not available" if missing
                    else self.session.request_start())
         if refusal:
             resp.success, resp.message = False, refusal
             return resp
-        if not self._start_clients:
+        if not self._start_chain.clients:
             self._begin_recording()
             resp.success, resp.message = True, f"episode {self.session.episode} recording"
             return resp
-        # Call the start services one after the other without blocking: each response's done
-        # callback sends the next request; recording begins after the last one (see ~/status).
-        self._start_chain(0)
+        self._start_chain.run(self._begin_recording, self._start_failed)  # answers before they have
         resp.success = True
-        resp.message = (f"episode {self.session.episode + 1} starting: calling "
-                        f"{', '.join(c.srv_name for c in self._start_clients)}; ~/status shows 'recording' when ready")
+        resp.message = (f"episode {self.session.episode + 1} starting: calling {', '.join(self._start_chain.names)}; "
+                        "~/status shows 'recording' when ready")
         return resp
-
-    def _start_chain(self, index: int) -> None:
-        if index >= len(self._start_clients):
-            self._begin_recording()
-            return
-        client = self._start_clients[index]
-        future = client.call_async(Trigger.Request())
-        timeout = self.p.service_timeout_s
-        deadline = self.create_timer(timeout, future.cancel, callback_group=self._start_group)
-
-        def done(fut):
-            deadline.cancel()
-            self.destroy_timer(deadline)
-            if fut.cancelled():
-                self._start_failed(f"{client.srv_name} did not answer within {timeout} s")
-            elif fut.exception() is not None:
-                self._start_failed(f"{client.srv_name} failed: {fut.exception()}")
-            elif not fut.result().success:
-                self._start_failed(f"{client.srv_name} refused: {fut.result().message}")
-            else:
-                self._start_chain(index + 1)
-
-        future.add_done_callback(done)
 
     def _begin_recording(self) -> None:
         self.session.begin_recording()
