@@ -169,8 +169,14 @@ def bind_live_params(
     """
     from rcl_interfaces.msg import SetParametersResult
 
+    def current(name):
+        try:
+            return node.get_parameter(name).value
+        except Exception:  # declared by type only and never set (ParameterUninitializedException)
+            return None
+
     def on_set(params):
-        proposed = {name: node.get_parameter(name).value for name in specs}
+        proposed = {name: current(name) for name in specs}
         for prm in params:
             if prm.name not in specs:
                 continue
