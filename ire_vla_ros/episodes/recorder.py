@@ -436,7 +436,8 @@ class EpisodeSession:
     def __init__(self, recorder: EpisodeRecorder, *, clock_ns: Callable[[], int],
                  make_meta: Callable[[list[str], list[str]], dict], joint_names: Sequence[str] = (),
                  window_s: float = 1.0, tolerance_s: float = 0.02, foreign_clock_s: float = 5.0,
-                 intervention_hold_s: float = 0.0, policy_terms_on_interventions: bool = True):
+                 intervention_hold_s: float = 0.0, policy_terms_on_interventions: bool = True,
+                 max_images: int = 4096):
         self.recorder = recorder
         self._clock_ns = clock_ns
         self._make_meta = make_meta
@@ -447,7 +448,7 @@ class EpisodeSession:
         self.policy_terms_on_interventions = policy_terms_on_interventions
         self._last_intervention_ns = -(10**18)
         self._operator_gripper: float | None = None
-        self.images = StampBuffer(window_s)
+        self.images = StampBuffer(window_s, max_items=max_images)
         self.joints = JointStateCache(window_s)
         self._lock = threading.RLock()
         self.state = "idle"

@@ -96,6 +96,8 @@ class RecorderNode(Node):
         "end_grace_s": P(0.2, "After episode_end, wait this long for the final reward before saving",
                          min=0.0, max=5.0),
         "buffer_s": P(1.0, "Seconds of images / joint states kept for pairing by stamp", min=0.05, max=30.0),
+        "max_buffered_images": P(120, "At most this many images kept for pairing (memory bound: 120 x "
+                                 "640x480 rgb8 = 110 MB)", min=2, max=10_000, read_only=True),
         "pairing_tolerance_s": P(0.02, "Joint-image stamp difference above which a step counts as a "
                                  "pairing mismatch", min=0.0, max=10.0),
         "min_free_mb": P(200.0, "Refuse to start, or abort, an episode when less disk is free", min=0.0),
@@ -128,7 +130,8 @@ class RecorderNode(Node):
         )
         self.session = EpisodeSession(
             self.recorder, clock_ns=lambda: self.get_clock().now().nanoseconds, make_meta=self._episode_meta,
-            joint_names=p.joint_names, window_s=p.buffer_s, tolerance_s=p.pairing_tolerance_s)
+            joint_names=p.joint_names, window_s=p.buffer_s, tolerance_s=p.pairing_tolerance_s,
+            max_images=p.max_buffered_images)
         self._track_interventions()
         self.rejected = collections.Counter()
         self._instruction = p.instruction
