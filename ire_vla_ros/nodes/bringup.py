@@ -12,7 +12,8 @@ files by test/test_launch_files.py). Two ways:
   `ros2 launch` starts them on a robot; a launcher where `ros2 launch` is absent. Each child gets
   the environment plus the launch files' Fast DDS profile (`--dds-profile`, default
   config/fastdds_shm.xml; '' keeps the environment's own) and, with the simulator or the fake
-  robot and no range set, ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST. Output lines are prefixed with
+  robot and no range set, ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST; with ROS_SECURITY_ENABLE=true
+  each runs in its SROS 2 enclave /ire_vla_ros/<node> (config/sros2_policy.xml). Output lines are prefixed with
   the node name. A child that exits is reported with its exit code; Ctrl-C / SIGTERM sends SIGINT
   to every child, then SIGTERM after `--stop-timeout`, then SIGKILL.
 
@@ -333,10 +334,18 @@ def _teardown(executor, nodes) -> None:
 PROFILE_VARS = ("FASTRTPS_DEFAULT_PROFILES_FILE", "FASTDDS_DEFAULT_PROFILES_FILE")
 
 
-def child_command(p: NodePlan, extra_params_files: list[str], overrides_file: str | None) -> list[str]:
+#: SROS 2 enclave of each node (config/sros2_policy.xml): /ire_vla_ros/<node>
+ENCLAVE_ROOT = "/ire_vla_ros"
+
+
+def child_command(p: NodePlan, extra_params_files: list[str], overrides_file: str | None,
+                  secure: bool = False) -> list[str]:
     """The command line of one node, as launch_ros builds it for `Node(executable=..., name=...,
-    parameters=[yaml, {...}], remappings=[...])`: later parameter files win."""
+    parameters=[yaml, {...}], remappings=[...])`: later parameter files win. With `secure`
+    (ROS_SECURITY_ENABLE=true) each node runs in its own enclave of config/sros2_policy.xml."""
     cmd = [sys.executable, "-m", f"ire_vla_ros.nodes.{p.name}", "--ros-args", "-r", f"__node:={p.name}"]
+    if secure:
+        cmd += ["--enclave", f"{ENCLAVE_ROOT}/{p.name}"]
     if Path(p.params_file).is_file():
         cmd += ["--params-file", p.params_file]
     for extra in extra_params_files:
@@ -440,7 +449,8 @@ def run_processes(args, plans: list[NodePlan]) -> int:
     with tempfile.TemporaryDirectory(prefix="ire_vla_bringup_") as folder:
         try:
             for p in plans:
-                cmd = child_command(p, list(args.params_file or []), write_overrides(p, folder))
+                secure = os.environ.get("ROS_SECURITY_ENABLE", "").lower() == "true"
+                cmd = child_command(p, list(args.params_file or []), write_overrides(p, folder), secure)
                 interactive = p.name == "teleop_node" and args.mode == "robot"  # keyboard on this terminal
                 children.append(Child(p.name, cmd, child_env(args, p.name), interactive=interactive))
                 say(f"started {p.name} (pid {children[-1].proc.pid})")
