@@ -3,6 +3,7 @@ with its YAML and overrides, talking over real DDS; a dead child is reported wit
 SIGTERM stops every child cleanly."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,8 +15,9 @@ import psutil
 from rcl_interfaces.srv import GetParameters
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
+from std_srvs.srv import SetBool
 
-from ire_vla_ros.nodes.ros_common import RELIABLE_QOS
+from ire_vla_ros.nodes.ros_common import RELIABLE_QOS, stamp_ns
 from ros_harness import wait_for  # noqa: E402
 
 NODES = ("fake_robot_node", "policy_node", "reward_node", "recorder_node", "trainer_node")
@@ -71,6 +73,16 @@ def test_robot_bringup_one_process_per_node(ros, tmp_path):
         joints = ros.collect(JointState, "/joint_states", RELIABLE_QOS)
         stats = ros.collect(String, "/fake_robot_node/stats", RELIABLE_QOS)
         wait_for(lambda: len(joints) > 50 and stats, 60, "joint states and fake robot stats")
+
+        # the control loop across processes: fake camera + 250 Hz joints -> policy -> actions
+        actions = ros.collect(JointState, "/policy_node/action", RELIABLE_QOS)
+        assert not actions  # the policy starts disabled
+        assert ros.call(SetBool, "/policy_node/enable", SetBool.Request(data=True), timeout=120).success
+        wait_for(lambda: len(actions) >= 5, 60, "policy actions from the fake robot's data")
+        first_image = json.loads(stats[-1].data)["camera"]["first_stamp_ns"]
+        stamps = [stamp_ns(a.header.stamp) for a in actions[:5]]
+        # each action carries the stamp of the camera frame it was computed from: the fake robot's
+        assert all(s >= first_image for s in stamps) and stamps == sorted(stamps) and len(set(stamps)) == 5
 
         # a child that dies is reported with its exit code; the others keep running
         os.kill(pids["reward_node"], signal.SIGKILL)
