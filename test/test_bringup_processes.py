@@ -104,3 +104,39 @@ def test_robot_bringup_one_process_per_node(ros, tmp_path):
     assert not [ln for ln in lines if "] Traceback" in ln], text[-3000:]
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
                    for p in pids.values())
+
+
+# -- fake_robot_node on its own ----------------------------------------------------------------
+def test_fake_robot_compressed_reliable_camera(ros):
+    """jpeg on <topic>/compressed decodes to the configured size; reliable_camera offers RELIABLE
+    (what a stock driver offers); stamps come from the node clock and increase."""
+    import io
+
+    import numpy as np
+    from PIL import Image as PILImage
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import CompressedImage
+
+    from ire_vla_ros.nodes.fake_robot_node import FakeRobotNode
+
+    frames = ros.collect(CompressedImage, "/cam/compressed", QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE))
+    node = ros.add(FakeRobotNode, camera_topic="/cam", compressed="jpeg", reliable_camera=True, image_width=160,
+                   image_height=120, joint_hz=0.0, ee_pose_hz=0.0)
+    wait_for(lambda: len(frames) >= 3, 30, "compressed frames over a RELIABLE subscription")
+    info = ros.probe.get_publishers_info_by_topic("/cam/compressed")
+    assert [i.qos_profile.reliability for i in info] == [ReliabilityPolicy.RELIABLE]
+    img = np.asarray(PILImage.open(io.BytesIO(bytes(frames[0].data))))
+    assert img.shape == (120, 160, 3) and "jpeg" in frames[0].format
+    stamps = [stamp_ns(f.header.stamp) for f in frames[:3]]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 3
+    assert node.stats()["camera"]["sent"] >= 3 and "joint_states" not in node.stats()
+
+
+def test_fake_robot_refuses_a_bad_setting(ros):
+    import pytest
+
+    from ire_vla_ros.nodes.fake_robot_node import FakeRobotNode
+    from ire_vla_ros.nodes.ros_common import NodeStartupError
+
+    with pytest.raises(NodeStartupError, match="compressed"):
+        ros.add(FakeRobotNode, compressed="webp")
