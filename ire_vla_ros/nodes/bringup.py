@@ -399,15 +399,18 @@ class Child:
         # own session: the terminal's Ctrl-C reaches only us, and we stop the children in order
         self.proc = subprocess.Popen(cmd, env=env, stdin=None if interactive else subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     bufsize=1, start_new_session=True)
+                                     errors="replace", bufsize=1, start_new_session=True)
         self.reported = False
         self._reader = threading.Thread(target=self._copy_output, name=f"out-{name}", daemon=True)
         self._reader.start()
 
     def _copy_output(self) -> None:
-        for line in self.proc.stdout:
-            sys.stdout.write(f"[{self.name}] {line}")
-            sys.stdout.flush()
+        for line in self.proc.stdout:  # keep draining even if our stdout is gone: a full pipe blocks the node
+            try:
+                sys.stdout.write(f"[{self.name}] {line}")
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
 
     def signal(self, sig) -> None:
         if self.proc.poll() is None:
