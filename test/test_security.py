@@ -149,6 +149,7 @@ def test_policy_covers_every_live_topic_and_service(ros, tmp_path):
     from ire_vla_ros.nodes.policy_node import PolicyNode
     from ire_vla_ros.nodes.recorder_node import RecorderNode
     from ire_vla_ros.nodes.reward_node import RewardNode
+    from ire_vla_ros.nodes.sim_node import SimNode
     from ire_vla_ros.nodes.teleop_node import TeleopNode
     from ire_vla_ros.nodes.trainer_node import TrainerNode
 
@@ -158,8 +159,9 @@ def test_policy_covers_every_live_topic_and_service(ros, tmp_path):
                                                                              "/reward_node/start_episode"])
     ros.add(TeleopNode, mode="scripted_expert", action_spec="metaworld_4d")
     ros.add(PolicyNode, device="cpu")
+    ros.add(SimNode)
     grants = policy_grants()
-    nodes = ["trainer_node", "reward_node", "recorder_node", "teleop_node", "policy_node"]
+    nodes = ["trainer_node", "reward_node", "recorder_node", "teleop_node", "policy_node", "sim_node"]
     live = {}
 
     def discovered():
