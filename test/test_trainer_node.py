@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-from rcl_interfaces.srv import SetParameters
 from rclpy.parameter import Parameter
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
