@@ -117,6 +117,29 @@ def test_enospc_behind_the_writers_back_kills_only_the_child(small_disk):
         assert read_episode(first).n_steps == 5 and read_episode(second).n_steps == 5
 
 
+def test_writer_child_killed_mid_episode_is_reported_and_replaced(tmp_path):
+    """A child that dies for any reason (here SIGSEGV, as h5py did on ENOSPC) fails the episode with
+    the reason, its partial file is removed, and the next episode gets a fresh child."""
+    import signal as sig
+
+    rng = np.random.default_rng(3)
+    with WriterProcess() as proc:
+        first = _episode(proc, tmp_path, 3, rng)
+        w = proc.open(tmp_path, META)
+        w.append(images={"main": rng.integers(0, 255, FRAME, dtype=np.uint8)}, joint_positions=[0.0, 0.0],
+                 action=[0, 0, 0, 1], reward=0.0, timestamp=0.0)
+        os.kill(proc.pid, sig.SIGSEGV)
+        with pytest.raises(EpisodeWriteError, match="SIGSEGV"):
+            for i in range(1, 200):  # the death shows at the next exchange
+                w.append(images={"main": rng.integers(0, 255, FRAME, dtype=np.uint8)}, joint_positions=[0.0, i],
+                         action=[0, 0, 0, 1], reward=0.0, timestamp=float(i))
+                time.sleep(0.01)
+            w.finalize(True)
+        assert not w.partial_path.exists() and proc.restarts == 1
+        second = _episode(proc, tmp_path, 3, rng)
+    assert [read_episode(p).n_steps for p in (first, second)] == [3, 3]
+
+
 def test_collect_into_a_full_disk_exits_cleanly_with_finished_episodes_kept(small_disk):
     d = small_disk(4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -46,6 +46,7 @@ from ire_vla_ros.vla.action_spec import ActionSpec
 __all__ = ["EpisodeWriteError", "WriterProcess", "ProcessEpisodeWriter"]
 
 _FAULT_EXIT = 75  # the child's exit status after a filesystem fault (EX_TEMPFAIL)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 class EpisodeWriteError(RuntimeError):
@@ -111,7 +112,8 @@ class WriterProcess:
                 self._proc = subprocess.Popen(
                     [sys.executable, "-m", "ire_vla_ros.episodes.safe_writer", str(child_sock.fileno())],
                     pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
-                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                    env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": _PACKAGE_PARENT + os.pathsep
+                         + os.environ.get("PYTHONPATH", "")},  # this very package, however it was found
                 )
             finally:
                 child_sock.close()
