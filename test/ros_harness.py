@@ -61,6 +61,7 @@ class Harness:
 
     def close(self):
         self.executor.shutdown()
+        self.thread.join(timeout=5.0)  # the spin thread ends once the executor is shut down
         for n in reversed(self.nodes):
             n.destroy_node()
         rclpy.shutdown(context=self.ctx)
