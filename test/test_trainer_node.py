@@ -43,9 +43,10 @@ def test_parse_and_build():
         "progress", {"stage": "stage0", "fraction": 0.5})
     assert parse_line("PROGRESS not json") == ("log", "PROGRESS not json")
     assert parse_line("CHECKPOINT /a/b\n") == ("checkpoint", "/a/b")
-    cmd = build_command(DEFAULT_COMMAND, dict(python="py", episodes="E", checkpoints="C", config="", device="cpu"))
+    cmd = build_command(DEFAULT_COMMAND, dict(python="py", episodes="E", checkpoints="C", config="", device="cpu",
+                                              tensorboard="C/logs/tb"))
     assert cmd == ["py", "-m", "ire_vla_ros.cli", "train", "offline", "--episodes", "E", "--checkpoints", "C",
-                   "--device", "cpu", "--no-progress"]  # empty --config is left out (CLI default)
+                   "--device", "cpu", "--no-progress", "--tensorboard", "C/logs/tb"]  # empty --config is left out
 
 
 def test_training_job_without_ros(tmp_path):

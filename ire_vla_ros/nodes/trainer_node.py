@@ -57,7 +57,7 @@ from ire_vla_ros.paths import PathOutsideRoot, confine
 DEFAULT_COMMAND = [
     "{python}", "-m", "ire_vla_ros.cli", "train", "offline",
     "--episodes", "{episodes}", "--checkpoints", "{checkpoints}",
-    "--config", "{config}", "--device", "{device}", "--no-progress",
+    "--config", "{config}", "--device", "{device}", "--no-progress", "--tensorboard", "{tensorboard}",
 ]
 
 #: Resource limits (also listed in `--help`): a child or a caller cannot grow the node's memory or
@@ -248,7 +248,7 @@ class TrainerNode(Node):
         "device": P("cpu", "Torch device for the next run (auto, cpu, cuda, cuda:N, mps)",
                     validate=check_device),
         "command": P(DEFAULT_COMMAND, "Command run by ~/run_iteration; placeholders {python} {episodes} "
-                     "{checkpoints} {config} {device}", type=Parameter.Type.STRING_ARRAY, read_only=True),
+                     "{checkpoints} {config} {device} {tensorboard}", type=Parameter.Type.STRING_ARRAY, read_only=True),
         "extra_args": P([], "Arguments appended to the command (e.g. [--set, sft.steps=500])",
                          type=Parameter.Type.STRING_ARRAY, read_only=True),
         "working_dir": P("", "Working directory of the command (empty: the node's)", read_only=True),
@@ -341,15 +341,16 @@ class TrainerNode(Node):
             if wait > 0:
                 return self._refuse(resp, "too_soon", f"refused: too soon after the last start, retry in {wait:.1f} s")
             ckpt = self._param("checkpoints_dir")
+            log_dir = Path(self._param("log_dir") or Path(ckpt) / "logs")
+            # every run writes its TensorBoard run under <log_dir>/tb: `tensorboard --logdir <log_dir>/tb`
             values = dict(python=sys.executable, episodes=str(self._param("episodes_dir")),
                           checkpoints=str(ckpt), config=str(self._param("config")),
-                          device=str(self._param("device")))
+                          device=str(self._param("device")), tensorboard=str(log_dir / "tb"))
             try:
                 command = build_command(list(self._param("command")), values) + list(self._param("extra_args") or [])
             except (TypeError, ValueError) as exc:
                 resp.success, resp.message = False, f"bad command parameter: {exc}"
                 return resp
-            log_dir = Path(self._param("log_dir") or Path(ckpt) / "logs")
             stamp = _dt.datetime.now().strftime("%Y%m%dT%H%M%S")
             try:
                 self.job = TrainingJob(command, log_path=log_dir / f"train_{stamp}_{self.run + 1}.log",
