@@ -53,7 +53,7 @@ def wait_for(pred, timeout, what):
         if pred():
             return
         time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 # =============================================================================================
@@ -209,3 +209,209 @@ def test_teleop_yield_ignores_idle_operator_messages():
     assert y.yielding(11.2)
     assert not y.operator_action(["a"], [1.0, 2.0], now=12.0)        # malformed: ignored
     assert y.counters == {"operator_actions": 2, "yielded_steps": 2}
+
+
+# =============================================================================================
+# through ROS: sim + policy + recorder + reward + trainer (+ teleop intervening)
+# =============================================================================================
+TASK = "button-press-topdown-v3"
+TINY_TRAINING = ["--set", "sft.steps=10", "--set", "sft.batch_size=8", "--set", "ppo.update_epochs=1",
+                 "--set", "ppo.minibatch_size=16", "--set", "ppo.critic_warmup_rollouts=1",
+                 "--set", "torch_threads=1", *[x for s in FAST for x in ("--set", s)]]
+
+
+def _node_classes():
+    """trainer_node / policy_node with the online-RL hooks (see ire_vla_ros/nodes/online_rl.py)."""
+    from std_srvs.srv import Trigger
+
+    from ire_vla_ros.nodes import online_rl
+    from ire_vla_ros.nodes.policy_node import PolicyNode
+    from ire_vla_ros.nodes.ros_common import declare_params
+    from ire_vla_ros.nodes.trainer_node import TrainerNode
+
+    if "online_checkpoint" in TrainerNode.PARAMS and "teleop_yield_s" in __import__(
+            "ire_vla_ros.nodes.policy_node", fromlist=["PARAMS"]).PARAMS:
+        return PolicyNode, TrainerNode
+
+    # INTERIM (until the owners' files take the hooks): the same few lines, as subclasses
+    class HookedPolicy(PolicyNode):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            p = declare_params(self, online_rl.POLICY_PARAMS)
+            self.online = online_rl.PolicyOnlineHooks(self, p, self.runner, self._checkpoint_root)
+
+        def _send(self, cmd):
+            if self.online.yielding():
+                return
+            super()._send(cmd)
+            self.online.on_command(cmd.image_stamp)
+
+        def destroy_node(self):
+            self.online.close()
+            return super().destroy_node()
+
+    class HookedTrainer(TrainerNode):
+        def __init__(self, **kw):
+            self.online = None
+            super().__init__(**kw)
+            p = declare_params(self, online_rl.TRAINER_PARAMS)
+            self.refused["online_rl"] = 0
+            self.online = online_rl.OnlineRLHooks(self, p, offline_busy=self._offline_busy,
+                                                  start_iteration=self._start_iteration, publish_status=self._publish)
+
+        def _offline_busy(self):
+            if self.job is not None and not self.job.done:
+                return f"offline run {self.run} is in progress"
+            if self.job is not None and (not self._final_handled or self._reload["reload"] == "pending"):
+                return f"the policy reload of run {self.run} is pending"
+            return None
+
+        def _start_iteration(self):
+            resp = self._on_run(Trigger.Request(), Trigger.Response())
+            return resp.success, resp.message
+
+        def _on_run(self, req, resp):
+            why = self.online.busy_reason() if self.online else None
+            if why:
+                return self._refuse(resp, "online_rl", why)
+            return super()._on_run(req, resp)
+
+        def status(self):
+            st = super().status()
+            if self.online is not None:
+                st["online"] = self.online.status()
+            return st
+
+        def _on_tick(self):
+            if self.online is not None:
+                self.online.tick()
+                if self.online.version != getattr(self, "_online_version", None):
+                    self._online_version = self.online.version
+                    self._publish()
+            super()._on_tick()
+
+        def destroy_node(self):
+            self.online.close()
+            return super().destroy_node()
+
+    return HookedPolicy, HookedTrainer
+
+
+def test_online_rl_through_ros_episodes_heads_interventions_stop_reload(ros, tmp_path):
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import String
+    from std_srvs.srv import SetBool, Trigger
+
+    from ire_vla_ros.episodes.store import read_episode
+    from ire_vla_ros.nodes.recorder_node import RecorderNode
+    from ire_vla_ros.nodes.reward_node import RewardNode
+    from ire_vla_ros.nodes.ros_common import LATCHED_QOS
+    from ire_vla_ros.nodes.sim_node import SimNode
+    from ire_vla_ros.nodes.teleop_node import TeleopNode
+    from ire_vla_ros.vla.checkpoint import resolve_checkpoint
+
+    PolicyNode, TrainerNode = _node_classes()
+    episodes, root = tmp_path / "episodes", tmp_path / "ckpts"
+    ckpt0 = make_tiny_checkpoint(root)
+    for k in range(2):  # the demo buffer's demonstrations (recording them is test_closed_loop_sim's part)
+        _episode(episodes / "teleop", "teleop", 8, seed=k, success=True)
+    ros.add(SimNode, task=TASK, rate_hz=10.0, seed=0)
+    ros.add(TeleopNode, mode="scripted_expert", action_spec="metaworld_4d", rate_hz=10.0, frame_id="world",
+            enabled=False)
+    policy = ros.add(PolicyNode, checkpoint=str(root), device="cpu", torch_num_threads=1, control_rate_hz=10.0,
+                     command_frame="world", workspace_enabled=False, servo_switch_service="", prefer_cv_bridge=False,
+                     explore=False, teleop_yield_s=0.5)
+    ros.add(RewardNode, backend="sim", max_episode_steps=12, action_topic="/policy_node/action")
+    recorder = ros.add(RecorderNode, episodes_dir=str(episodes), source="policy", task=TASK,
+                       action_topic="/policy_node/action", start_services=["/sim_node/reset", "/reward_node/start_episode"])
+    ros.add(TrainerNode, episodes_dir=str(episodes), checkpoints_dir=str(root), device="cpu", extra_args=TINY_TRAINING,
+            online_learner_args=fast_args(), online_snapshot_every_episodes=1, online_snapshot_every_s=3600.0,
+            online_stop_timeout_s=120.0)
+    status = ros.collect(String, "/trainer_node/status", LATCHED_QOS)
+    heads = ros.collect(String, "/trainer_node/head_snapshot", LATCHED_QOS)
+    saved = ros.collect(String, "/recorder_node/episode_saved")
+    policy_actions = ros.collect(JointState, "/policy_node/action")
+
+    def online():
+        return json.loads(status[-1].data).get("online", {}) if status else {}
+
+    def trainer():
+        return json.loads(status[-1].data) if status else {}
+
+    wait_for(lambda: status, 30, "trainer status")
+    resp = ros.call(Trigger, "/trainer_node/start_online_rl")
+    assert resp.success, resp.message
+    again = ros.call(Trigger, "/trainer_node/start_online_rl")
+    assert not again.success and "already running" in again.message
+    offline = ros.call(Trigger, "/trainer_node/run_iteration")
+    assert not offline.success and "online RL is running" in offline.message
+    wait_for(lambda: online().get("state") in ("ready", "failed"), 300, f"learner ready ({online()})")
+    assert online()["state"] == "ready", online()
+    wait_for(lambda: policy.runner.explore, 30, "explore switched on by the trainer")
+
+    assert ros.call(SetBool, "/policy_node/enable", SetBool.Request(data=True)).success
+    paths = []
+
+    def episode(intervene: bool = False, wait_head: bool = True):
+        before = len(saved)
+        r = ros.call(Trigger, "/recorder_node/start_episode")
+        assert r.success, r.message
+        if intervene:  # the operator takes over for a while, then hands back
+            n0 = len(policy_actions)
+            wait_for(lambda: len(policy_actions) >= n0 + 3, 30, "policy acting before the intervention")
+            assert ros.call(SetBool, "/teleop_node/enable", SetBool.Request(data=True)).success
+            y0 = policy.online.teleop.counters["yielded_steps"]
+            wait_for(lambda: policy.online.teleop.counters["yielded_steps"] >= y0 + 10, 60, "policy yielding")
+            assert ros.call(SetBool, "/teleop_node/enable", SetBool.Request(data=False)).success
+        wait_for(lambda: len(saved) > before, 90, lambda: f"episode saved (policy {policy.stats()}, "
+                 f"recorder {recorder.session.counters})")
+        paths.append(saved[-1].data)
+        if wait_head:  # the learner consumed it and the policy runs its newest head
+            n = len(paths)
+            wait_for(lambda: online().get("episodes", 0) >= n, 180, f"learner consumed episode {n} ({online()})")
+            wait_for(lambda: heads and json.loads(heads[-1].data)["version"] >= n, 180, "head published")
+            wait_for(lambda: policy.online.swapper.version == json.loads(heads[-1].data)["version"], 60,
+                     f"head swapped in ({policy.online.stats()})")
+
+    episode()
+    episode()
+    episode(intervene=True, wait_head=False)
+    episode(wait_head=False)
+    wait_for(lambda: online().get("episodes", 0) >= 4, 180, f"learner consumed all episodes ({online()})")
+
+    # every episode ran on one head; heads changed between episodes
+    versions = []
+    for p in paths:
+        ep = read_episode(p, load_images=False)
+        used = {v for stamp, v in policy.online.commands if np.isclose(ep.timestamps, stamp, rtol=0, atol=1e-4).any()}
+        assert len(used) == 1, f"{Path(p).name} ran on heads {used}"
+        versions.append(used.pop())
+    assert versions[:3] == [0, 1, 2], versions
+    for t, v in policy.online.swapper.swaps:  # no swap inside an episode
+        for p in paths:
+            ts = read_episode(p, load_images=False).timestamps
+            assert not (ts[0] < t < ts[-1]), f"head v{v} swapped at {t} inside {Path(p).name} [{ts[0]}, {ts[-1]}]"
+    # the intervention: recorded as operator steps; the policy yielded instead of fighting it
+    ep = read_episode(paths[2], load_images=False)
+    flags = ep.step_info["intervention"]
+    assert flags.sum() >= 5 and ep.metadata["interventions"] == int(flags.sum()), (flags, ep.metadata)
+    assert recorder.session.counters["skipped_during_intervention"] == 0  # no policy action during it
+    assert policy.online.teleop.counters["operator_actions"] >= 5
+    st = online()
+    assert st["episodes"] == 4 and st["rejected"] == 0 and st["dropped_queue_full"] == 0, st
+
+    # stop -> learner exits -> offline iteration -> checkpoint -> policy reload; exploring off
+    resp = ros.call(Trigger, "/trainer_node/stop_online_rl")
+    assert resp.success, resp.message
+    wait_for(lambda: online().get("state") in ("stopped", "failed"), 180, f"learner stopped ({online()})")
+    assert online()["state"] == "stopped" and online()["returncode"] == 0, online()
+    wait_for(lambda: not policy.runner.explore, 30, "explore switched off")
+    wait_for(lambda: online().get("after_stop"), 30, "offline iteration started")
+    assert online()["after_stop"] == "stage2_started", online()
+    wait_for(lambda: trainer().get("state") in ("succeeded", "failed") and trainer().get("reload") not in ("", "pending")
+             or trainer().get("state") == "failed", 300, f"offline iteration + reload ({trainer()})")
+    s = trainer()
+    assert s["state"] == "succeeded" and s["reload"] == "ok", s
+    new = resolve_checkpoint(root)
+    assert new != ckpt0
+    wait_for(lambda: Path(policy.runner.checkpoint).resolve() == new.resolve(), 30, "policy on the new checkpoint")

@@ -723,6 +723,8 @@ class PolicyOnlineHooks:
                                    clock=lambda: node.get_clock().now().nanoseconds * 1e-9, log=report)
         self.teleop = TeleopYield(params.teleop_yield_s)
         self.bad_notices = 0
+        #: (image stamp, head version) of recent commands: which head acted in which episode step
+        self.commands: collections.deque = collections.deque(maxlen=5000)
         if params.head_snapshot_topic:
             node.create_subscription(String, params.head_snapshot_topic, self._on_head, LATCHED_QOS)
         if params.episode_active_topic:
@@ -747,6 +749,10 @@ class PolicyOnlineHooks:
 
     def yielding(self) -> bool:
         return self.teleop.yielding(time.monotonic())
+
+    def on_command(self, image_stamp: float) -> None:
+        """Book a command sent (called under the runner's lock: the version is the head that acted)."""
+        self.commands.append((float(image_stamp), self.swapper.version))
 
     def set_yield_s(self, value: float) -> None:
         self.teleop.hold_s = float(value)

@@ -21,8 +21,8 @@ Commands must be in `frame_id` (default "world", the sim's only frame); others a
 
 Interface
   pub  <image_topic>          sensor_msgs/Image rgb8 (sensor-data QoS)
-  pub  <joint_states_topic>   sensor_msgs/JointState (env.joint_names)
-  pub  <ee_pose_topic>        geometry_msgs/PoseStamped (hand position, world frame)
+  pub  <joint_states_topic>   sensor_msgs/JointState (env.joint_names), reliable
+  pub  <ee_pose_topic>        geometry_msgs/PoseStamped (hand position, world frame), reliable
   pub  ~/success              std_msgs/Bool      per step
   pub  ~/reward               std_msgs/Float32   per step, Metaworld dense reward
   pub  ~/expert_action        sensor_msgs/JointState  the scripted expert's action for the current
@@ -201,8 +201,11 @@ class SimNode(Node):
         self._env_lock = threading.Lock()
 
         self.image_pub = self.create_publisher(Image, self.p.image_topic, SENSOR_QOS)
-        self.joint_pub = self.create_publisher(JointState, self.p.joint_states_topic, SENSOR_QOS)
-        self.ee_pub = self.create_publisher(PoseStamped, self.p.ee_pose_topic, SENSOR_QOS)
+        # Reliable like a robot's joint_state_broadcaster (and fake_robot_node): policy_node subscribes
+        # them reliable, and a best-effort publisher would never match it; best-effort readers
+        # (the recorder) match either way.
+        self.joint_pub = self.create_publisher(JointState, self.p.joint_states_topic, RELIABLE_QOS)
+        self.ee_pub = self.create_publisher(PoseStamped, self.p.ee_pose_topic, RELIABLE_QOS)
         self.success_pub = self.create_publisher(Bool, "~/success", RELIABLE_QOS)
         self.reward_pub = self.create_publisher(Float32, "~/reward", RELIABLE_QOS)
         self.expert_pub = self.create_publisher(JointState, "~/expert_action", RELIABLE_QOS)
