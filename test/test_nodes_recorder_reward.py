@@ -525,6 +525,48 @@ def test_recorder_node_records_operator_interventions(ros, tmp_path):
     assert ep.actions[:, 0].tolist() == pytest.approx([0.0, 0.5])
 
 
+def test_pairing_with_the_fake_robot_at_500_hz(ros, tmp_path):
+    """fake_robot_node publishes joints at 500 Hz (q_j = 0.3 sin(0.5 t + j), t its monotonic clock)
+    and a small camera at 30 Hz; the "policy" acts on frames 0.3-0.6 s old. Each recorded step must
+    hold the joints of its image's time, not the newest ones (which differ by up to 0.09 rad)."""
+    import math
+
+    from ire_vla_ros.nodes.fake_robot_node import FakeRobotNode
+
+    ros.add(FakeRobotNode, camera_hz=30.0, joint_hz=500.0, ee_pose_hz=0.0, image_width=32, image_height=24,
+            joint_names=["a", "b", "c"])
+    node = ros.add(RecorderNode, episodes_dir=str(tmp_path), instruction="reach", start_services=[""])
+    stamps = []
+    ros.probe.create_subscription(Image, "/camera/image_raw", lambda m: stamps.append(m.header.stamp), SENSOR_QOS)
+    action = ros.probe.create_publisher(JointState, "/policy_node/action", RELIABLE_QOS)
+    saved = ros.collect(String, "/recorder_node/episode_saved")
+    wait_matched(action)
+    assert ros.call(Trigger, "/recorder_node/start_episode").success
+    wait_for(lambda: node.session.state == "recording", 10, "recording")
+    n0 = len(stamps)
+    wait_for(lambda: len(stamps) >= n0 + 30, 30, "a second of camera frames")
+    names, values = pack_action(ACTION_NAMES, [0.1, 0, 0, 1], -1.0, 0.5)
+    acted = []
+    deadline = time.monotonic() + 30
+    while len(acted) < 8 and time.monotonic() < deadline:
+        now = ros.probe.get_clock().now().nanoseconds
+        old = [st for st in stamps[n0:] if 0.3e9 <= now - (st.sec * 10**9 + st.nanosec) <= 0.6e9]
+        if old and old[0] not in acted:
+            action.publish(JointState(header=Header(stamp=old[0]), name=names, position=values))
+            acted.append(old[0])
+        time.sleep(0.05)
+    assert len(acted) == 8
+    wait_for(lambda: node.session.counters["episode_steps"] == 8, 10, "8 steps")
+    offset = time.time() - time.monotonic()  # node clock (system time) -> the fake robot's monotonic clock
+    assert ros.call(Trigger, "/recorder_node/stop_episode").success
+    wait_for(lambda: saved, 20, "episode saved")
+    ep = read_episode(saved[0].data)
+    assert ep.n_steps == 8 and ep.joint_names == ["a", "b", "c"]
+    for t_img, q in zip(ep.timestamps, ep.joint_positions):
+        expected = [0.3 * math.sin(0.5 * (t_img - offset) + j) for j in range(3)]
+        assert np.allclose(q, expected, atol=0.01), (t_img, q, expected)
+
+
 def test_full_queue_drops_are_counted_and_reported(ros, tmp_path):
     node = ros.add(RecorderNode, episodes_dir=str(tmp_path), instruction="reach", start_services=[""],
                    max_queue=2)
