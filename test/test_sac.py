@@ -77,9 +77,9 @@ def test_bytes_per_transition_matches_what_the_buffer_allocates():
         hidden, _ = policy.encode(np.zeros((1, 64, 64, 3), np.uint8), [INSTR])
     tokens, width = hidden.shape[1], hidden.shape[2]
     assert (tokens, width) == (24, 64)  # tiny preset: 8 query + 16 text tokens, d = 64
-    assert bytes_per_transition(tokens, width, 9, 4) == 6308
+    assert bytes_per_transition(tokens, width, 9, 4) == 6312
     # BLIP-2 OPT-2.7B-sized latent: 32 query + 16 text tokens, d = 2560 (7 joints, 7-D action).
-    assert bytes_per_transition(48, 2560, 7, 7) == 491_740
+    assert bytes_per_transition(48, 2560, 7, 7) == 491_744
     for args in ((24, 64, 9, 4), (48, 2560, 7, 7)):
         bpt = bytes_per_transition(*args)
         replay = LatentReplay(3 * bpt + bpt // 2, *args, tag="t")
@@ -183,6 +183,7 @@ def _batch(learner, B=8, reward=0.0, done=0.0, is_demo=False, mc=-math.inf):
     t = _transitions(B, tokens=24, width=64, S=9, A=2, reward=reward, done=done)
     t["is_demo"] = torch.full((B,), is_demo)
     t["mc_return"] = torch.full((B,), mc)
+    t["success"] = torch.zeros(B)
     return t
 
 
@@ -196,14 +197,34 @@ def test_td_target_bootstraps_truncation_but_not_success():
     assert trunc_stats["td_target_mean"] > 2.0  # truncated/ongoing: r + gamma * Q(s', a')
 
 
-def test_monte_carlo_return_floors_demo_targets_only():
+def test_monte_carlo_return_floors_targets_where_it_is_known():
     learner = _learner(gamma=0.9, mc_lower_bound=True)
     with torch.no_grad():
         learner.target_critic.net[-1].bias.fill_(-5.0)
     _, demo = critic_loss(learner, _batch(learner, is_demo=True, mc=0.7), learner.cfg)
-    _, online = critic_loss(learner, _batch(learner, is_demo=False, mc=0.7), learner.cfg)
+    _, finished = critic_loss(learner, _batch(learner, is_demo=False, mc=0.5), learner.cfg)
+    _, running = critic_loss(learner, _batch(learner, is_demo=False), learner.cfg)  # episode not over: -inf
     assert demo["td_target_mean"] == pytest.approx(0.7)
-    assert online["td_target_mean"] < -2.0
+    assert finished["td_target_mean"] == pytest.approx(0.5)
+    assert running["td_target_mean"] < -2.0
+
+
+def test_self_imitation_regularises_only_demo_rows_and_online_successes():
+    from ire_vla_ros.training.sac import actor_loss
+
+    learner = _learner(online_bc="success")
+    failed = _batch(learner)
+    _, _, s_failed = actor_loss(learner, failed, learner.cfg, bc_weight=1.0)
+    assert s_failed["bc_reg"] == 0.0  # online rows of failed/unfinished episodes: Q term only
+    won = _batch(learner)
+    won["success"] = torch.ones(8)
+    _, _, s_won = actor_loss(learner, won, learner.cfg, bc_weight=1.0)
+    assert s_won["bc_reg"] > 0.0
+    _, _, s_demo = actor_loss(learner, _batch(learner, is_demo=True), learner.cfg, bc_weight=1.0)
+    assert s_demo["bc_reg"] == pytest.approx(s_won["bc_reg"])  # same rows, same actions: same pull
+    trust = _learner(online_bc="behaviour")
+    _, _, s_trust = actor_loss(trust, _batch(trust), trust.cfg, bc_weight=1.0)
+    assert s_trust["bc_reg"] > 0.0  # toward the collecting policy's action (zeros here)
 
 
 def test_critic_members_are_independent_with_their_own_output_layers():
@@ -296,6 +317,10 @@ def test_sac_stage1_in_metaworld_collects_stores_and_updates(tmp_path):
             collector.step(policy, replay, tag)
         assert collector.episodes_done == 1 and len(replay) == 3
         assert replay.done[:3].sum() == 0  # truncated at step 3, never done
+        # Once the episode ended, its Monte-Carlo returns are known (0: it failed); a running one's are not.
+        assert replay.mc_return[:3].tolist() == [0.0, 0.0, 0.0] and replay.success[:3].sum() == 0
+        collector.step(policy, replay, tag)
+        assert replay.mc_return[3].item() == -math.inf
         # The truncated step's next latent is the final frame, not the reset frame that follows.
         assert not torch.equal(replay.next_hidden[2], collector.latents[0][0].half())
     finally:

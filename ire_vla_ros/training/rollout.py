@@ -160,6 +160,8 @@ class SACCollector:
         self.obs = [env.reset(seed=next(self.seeds)) for env in envs]
         self.records = [EpisodeRecord() for _ in envs]
         self.latents: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.slots: list[list[int]] = [[] for _ in envs]  # each env's current episode in the replay
+        self.added_at = [0 for _ in envs]
         self.episodes_done = 0
         self.successes = 0
         self.saved: list[Path] = []
@@ -185,7 +187,7 @@ class SACCollector:
         a_n = policy.deterministic_action(dist.sample())
         behaviour = policy.deterministic_action(dist.mean)
         actions = policy.unnormalize_action(a_n).cpu().numpy().astype(np.float32)
-        next_obs, rewards, dones, resets = [], [], [], {}
+        next_obs, rewards, dones, resets, ended = [], [], [], {}, {}
         for i, env in enumerate(self.envs):
             obs, dense, terminated, truncated, info = env.step(actions[i])
             success = bool(info.get("success", False))
@@ -198,13 +200,21 @@ class SACCollector:
             rec.rewards.append(rewards[-1])
             next_obs.append(obs)
             if terminated or truncated:
+                ended[i] = (list(self.records[i].rewards), success)
                 self._finish_episode(i, env, success)
                 resets[i] = env.reset(seed=next(self.seeds))
         next_hidden, next_mask = self._encode(policy, next_obs)
-        replay.add(hidden=hidden, mask=mask, state=state_n, action=a_n, reward=torch.tensor(rewards),
-                   done=torch.tensor(dones), next_hidden=next_hidden, next_mask=next_mask,
-                   next_state=policy.normalize_state(np.stack([o.state for o in next_obs])),
-                   behaviour_action=behaviour, tag=tag)
+        slots = replay.add(hidden=hidden, mask=mask, state=state_n, action=a_n, reward=torch.tensor(rewards),
+                           done=torch.tensor(dones), next_hidden=next_hidden, next_mask=next_mask,
+                           next_state=policy.normalize_state(np.stack([o.state for o in next_obs])),
+                           behaviour_action=behaviour, tag=tag)
+        for i in range(len(self.envs)):
+            if not self.slots[i]:
+                self.added_at[i] = replay.added - len(self.envs)
+            self.slots[i].append(int(slots[i]))
+        for i, (ep_rewards, success) in ended.items():  # now the episode's returns are known
+            replay.finish_episode(self.slots[i], self.added_at[i], ep_rewards, success, cfg.gamma)
+            self.slots[i] = []
         self.obs = [resets.get(i, o) for i, o in enumerate(next_obs)]
         if resets:
             idx = sorted(resets)

@@ -71,8 +71,12 @@ class SACConfig:
     # Making it learn on small data (see module docstring):
     distill_steps: int = 300  # clip head -> tanh head, on the demo latents (0 if the head is tanh already)
     critic_pretrain_steps: int = 1000  # critic-only updates on the demo buffer before any rollout
-    mc_lower_bound: bool = True  # floor demo TD targets with their Monte-Carlo return (Cal-QL)
+    mc_lower_bound: bool = True  # floor TD targets with the Monte-Carlo return where it is known (Cal-QL)
     bc_weight: float = 0.4  # behaviour regulariser weight (TD3+BC's alpha = 2.5 -> 1/2.5)
+    # What the regulariser pulls online rows toward: "success": the executed action of transitions
+    # from successful episodes (self-imitation; other online rows free); "behaviour": the collecting
+    # policy's deterministic action (a trust region); "none": demo rows only.
+    online_bc: str = "success"
     bc_weight_final: float = 0.1  # annealed linearly to this over bc_anneal_updates actor updates
     bc_anneal_updates: int = 4000
     normalize_actor_q: bool = True  # divide the actor's Q term by mean |Q| (TD3+BC)
@@ -91,14 +95,15 @@ def bytes_per_transition(tokens: int, width: int, state_dim: int, action_dim: in
     """Bytes one stored transition takes in `LatentReplay`.
 
     latent + next latent (fp16, tokens x width each), their masks (bool), state + next state,
-    action, the behaviour policy's deterministic action, reward, done, Monte-Carlo return (fp32).
+    action, the behaviour policy's deterministic action, reward, done, Monte-Carlo return, episode
+    success (fp32).
     E.g. (see test_sac.py):
-    - tiny preset (8 query + 16 text tokens, d=64, 9 joints, 4-D action): 6,308 B;
+    - tiny preset (8 query + 16 text tokens, d=64, 9 joints, 4-D action): 6,312 B;
     - BLIP-2 OPT-2.7B-sized latent (32 query + 16 text tokens, d=2560, 7 joints, 7-D action):
-      491,740 B (~480 KiB), so 1 GiB holds 2,183 transitions and 20 demos x 50 steps take ~0.5 GB.
+      491,744 B (~480 KiB), so 1 GiB holds 2,183 transitions and 20 demos x 50 steps take ~0.5 GB.
     """
     latent = 2 * (tokens * width * 2 + tokens)  # fp16 hidden + bool mask, obs and next obs
-    return latent + 4 * (2 * state_dim + 2 * action_dim + 3)
+    return latent + 4 * (2 * state_dim + 2 * action_dim + 4)
 
 
 class StaleLatents(RuntimeError):
@@ -140,7 +145,8 @@ class LatentReplay:
         self.behaviour_action = torch.zeros(C, action_dim)  # deterministic action of the collecting policy
         self.reward = torch.zeros(C)
         self.done = torch.zeros(C)
-        self.mc_return = torch.zeros(C)  # Monte-Carlo return-to-go; -inf where unknown
+        self.mc_return = torch.zeros(C)  # Monte-Carlo return-to-go; -inf until the episode has ended
+        self.success = torch.zeros(C)  # 1 where the transition belongs to a successful episode
         self.size = 0
         self.pos = 0
         self.added = 0
@@ -148,7 +154,7 @@ class LatentReplay:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (
             self.hidden, self.next_hidden, self.mask, self.next_mask, self.state, self.next_state,
-            self.action, self.behaviour_action, self.reward, self.done, self.mc_return))
+            self.action, self.behaviour_action, self.reward, self.done, self.mc_return, self.success))
 
     def __len__(self) -> int:
         return self.size
@@ -163,8 +169,8 @@ class LatentReplay:
         return h, m
 
     def add(self, *, hidden, mask, state, action, reward, done, next_hidden, next_mask, next_state,
-            behaviour_action, mc_return=None, tag: str) -> None:
-        """Adds a batch of B transitions (tensors with a leading batch dimension)."""
+            behaviour_action, mc_return=None, success=None, tag: str) -> torch.Tensor:
+        """Adds a batch of B transitions (tensors with a leading batch dimension); returns their slots."""
         if tag != self.tag:
             raise StaleLatents(f"latents tagged {tag}, buffer holds {self.tag}: clear and re-encode")
         hidden, mask = self._fit(hidden.detach(), mask.detach().bool())
@@ -185,9 +191,24 @@ class LatentReplay:
         self.done[idx] = torch.as_tensor(done, dtype=torch.float32).cpu()
         mc = torch.full((B,), -math.inf) if mc_return is None else torch.as_tensor(mc_return, dtype=torch.float32)
         self.mc_return[idx] = mc.cpu()
+        self.success[idx] = 0.0 if success is None else torch.as_tensor(success, dtype=torch.float32).cpu()
         self.pos = (self.pos + B) % self.capacity
         self.size = min(self.size + B, self.capacity)
         self.added += B
+        return idx
+
+    def finish_episode(self, slots: list[int], added_at: int, rewards, success: bool, gamma: float) -> bool:
+        """Writes the Monte-Carlo returns and the success flag of an episode that just ended.
+
+        `slots` are the episode's transitions in order, `added_at` the `added` count before its
+        first one; False (nothing written) if the ring has overwritten any of them since.
+        """
+        if self.added - added_at > self.capacity:
+            return False
+        idx = torch.as_tensor(slots, dtype=torch.long)
+        self.mc_return[idx] = torch.as_tensor(discounted_returns(np.asarray(rewards, np.float32), gamma))
+        self.success[idx] = float(success)
+        return True
 
     def clear(self, tag: str) -> None:
         self.size = self.pos = 0
@@ -199,7 +220,7 @@ class LatentReplay:
                "mask": self.mask[idx], "next_mask": self.next_mask[idx], "state": self.state[idx],
                "next_state": self.next_state[idx], "action": self.action[idx],
                "behaviour_action": self.behaviour_action[idx], "reward": self.reward[idx],
-               "done": self.done[idx], "mc_return": self.mc_return[idx]}
+               "done": self.done[idx], "mc_return": self.mc_return[idx], "success": self.success[idx]}
         return {k: v.to(device) for k, v in out.items()}
 
 
@@ -285,7 +306,8 @@ def add_episode(replay: LatentReplay, policy: VLAPolicy, episode, cfg: SACConfig
         replay.add(hidden=hidden[sl], mask=mask[sl], state=states[sl], action=actions[sl],
                    reward=torch.as_tensor(rewards[:n][sl]), done=done[sl], next_hidden=hidden[nxt[sl]],
                    next_mask=mask[nxt[sl]], next_state=states[nxt[sl]], behaviour_action=behaviour[sl],
-                   mc_return=torch.as_tensor(mc[:n][sl]), tag=tag)
+                   mc_return=torch.as_tensor(mc[:n][sl]), success=torch.full((sl.stop - sl.start,), float(episode.success)),
+                   tag=tag)
     return n
 
 
@@ -346,8 +368,9 @@ def critic_loss(learner: "SACLearner", batch: dict, cfg: SACConfig) -> tuple[tor
     """Ensemble TD regression; target = r + gamma * (1 - done) * min over 2 random target members.
 
     `done` is 1 only where the episode terminated (success); truncated steps bootstrap. With
-    `mc_lower_bound`, a demo target is floored by its Monte-Carlo return (Cal-QL's calibration:
-    the critic may not value a demonstrated action below what the demo actually earned).
+    `mc_lower_bound`, a target is floored by the Monte-Carlo return of its episode where that is
+    known (demos, finished online episodes): Cal-QL's calibration, the critic may not value an
+    action below what it actually earned.
     """
     policy, critic, target = learner.policy, learner.critic, learner.target_critic
     with torch.no_grad():
@@ -359,8 +382,7 @@ def critic_loss(learner: "SACLearner", batch: dict, cfg: SACConfig) -> tuple[tor
             q_next = q_next - learner.alpha * next_logp
         td_target = batch["reward"] + cfg.gamma * (1.0 - batch["done"]) * q_next
         if cfg.mc_lower_bound:
-            floor = torch.where(batch["is_demo"], batch["mc_return"], torch.full_like(td_target, -math.inf))
-            td_target = torch.maximum(td_target, floor)
+            td_target = torch.maximum(td_target, batch["mc_return"])  # -inf where unknown
     pooled = critic.pool(batch["hidden"], batch["mask"])
     q = critic.q(pooled, batch["state"], batch["action"])  # (E, B)
     loss = 0.5 * (q - td_target.unsqueeze(0)).pow(2).mean(1).sum()
@@ -372,11 +394,10 @@ def critic_loss(learner: "SACLearner", batch: dict, cfg: SACConfig) -> tuple[tor
 def actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig, bc_weight: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """SAC actor loss (alpha * log pi - mean ensemble Q) + a behaviour regulariser.
 
-    The regulariser pulls the deterministic action toward the demo action on the demo half and
-    toward the deterministic action of the policy that collected the transition on the online half
-    (TD3+BC's form, Q term normalised by mean |Q|; the online half acts as a trust region: the
-    actor may improve on its data, not jump away from it). Returns (loss, log pi of the samples
-    (for the temperature), stats).
+    The regulariser (TD3+BC's form, Q term normalised by mean |Q|) pulls the deterministic action
+    toward the demo action on demo rows and, on online rows, as `online_bc` says: toward the
+    executed action of successful episodes (self-imitation), or toward the collecting policy's
+    action (a trust region). Returns (loss, log pi of the samples (for the temperature), stats).
     """
     policy = learner.policy
     head_out = policy.actor(batch["hidden"], batch["mask"], batch["state"])
@@ -394,8 +415,16 @@ def actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig, bc_weight: fl
     reg = torch.zeros(())
     if bc_weight > 0:
         det = policy.deterministic_action(head_out)
-        target = torch.where(batch["is_demo"].unsqueeze(-1), batch["action"], batch["behaviour_action"])
-        reg = (det - target).pow(2).sum(-1).mean()
+        demo = batch["is_demo"]
+        if cfg.online_bc == "success":
+            target, weight = batch["action"], (demo | (batch["success"] > 0)).float()
+        elif cfg.online_bc == "behaviour":
+            target, weight = torch.where(demo.unsqueeze(-1), batch["action"], batch["behaviour_action"]), torch.ones_like(q)
+        elif cfg.online_bc == "none":
+            target, weight = batch["action"], demo.float()
+        else:
+            raise ValueError(f"sac.online_bc must be 'success', 'behaviour' or 'none', got {cfg.online_bc!r}")
+        reg = ((det - target).pow(2).sum(-1) * weight).mean()
         loss = loss + bc_weight * reg
     return loss, logp.detach(), {"actor_loss": loss.item(), "q_pi": q.mean().item(), "logp": logp.mean().item(),
                                  "bc_reg": reg.item(), "bc_weight": bc_weight}
