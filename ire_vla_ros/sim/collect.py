@@ -20,7 +20,6 @@ import logging
 import sys
 from pathlib import Path
 
-
 from ire_vla_ros.sim.experts import noise_rng, noisy_expert_action
 from ire_vla_ros.sim.metaworld_env import DEFAULT_CAMERA, HELDOUT_SEED_OFFSET, MetaworldTaskEnv
 
