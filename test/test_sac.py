@@ -227,6 +227,29 @@ def test_self_imitation_regularises_only_demo_rows_and_online_successes():
     assert s_trust["bc_reg"] > 0.0  # toward the collecting policy's action (zeros here)
 
 
+def test_awac_imitates_the_buffer_actions_the_critic_prefers():
+    """Same states, two stored actions (+0.5 and -0.5); the critic prefers +0.5. Plain BC would
+    settle in the middle; AWAC's advantage weights pull the policy's action to +0.5."""
+    from ire_vla_ros.training.sac import awac_actor_loss
+
+    learner = _learner(actor_objective="awac", awac_beta=0.05)
+    batch = _batch(learner, B=16)
+    batch["hidden"], batch["state"] = batch["hidden"][:1].repeat(16, 1, 1), batch["state"][:1].repeat(16, 1)
+    batch["action"] = torch.tensor([[0.5, 0.5]] * 8 + [[-0.5, -0.5]] * 8)
+    good = torch.tensor([0.5, 0.5])
+    learner.critic.q = lambda pooled, state, action: -(action - good).pow(2).sum(-1).expand(4, -1)
+    opt = torch.optim.Adam(learner.policy.head_parameters(), lr=3e-3)
+    for _ in range(150):
+        loss, _, stats = awac_actor_loss(learner, batch, learner.cfg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        det = learner.policy.deterministic_action(learner.policy.actor(batch["hidden"][:1], batch["mask"][:1], batch["state"][:1]))
+    assert torch.all(det[0] > 0.3), det  # plain BC: ~0.0
+    assert learner.policy.actor.log_std.grad is None  # AWAC leaves the exploration noise alone
+
+
 def test_critic_members_are_independent_with_their_own_output_layers():
     critic = CriticEnsemble(64, 9, 4, width=32, num_queries=2, members=10, hidden=16)
     out_layer = critic.net[-1]

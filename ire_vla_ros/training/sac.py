@@ -77,6 +77,13 @@ class SACConfig:
     # from successful episodes (self-imitation; other online rows free); "behaviour": the collecting
     # policy's deterministic action (a trust region); "none": demo rows only.
     online_bc: str = "success"
+    # Actor objective: "sac" (reparameterised: alpha * log pi - Q, plus the regulariser) or "awac"
+    # (advantage-weighted regression onto the buffer's own actions, weights exp(A / awac_beta)
+    # capped at awac_max_weight, A = Q(s, a) - Q(s, a ~ pi); exploration noise stays fixed). AWAC
+    # cannot chase the critic's errors off the data, the failure seen with "sac" here (README).
+    actor_objective: str = "sac"
+    awac_beta: float = 0.1
+    awac_max_weight: float = 20.0
     bc_weight_final: float = 0.1  # annealed linearly to this over bc_anneal_updates actor updates
     bc_anneal_updates: int = 4000
     normalize_actor_q: bool = True  # divide the actor's Q term by mean |Q| (TD3+BC)
@@ -400,6 +407,10 @@ def actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig, bc_weight: fl
     action (a trust region). Returns (loss, log pi of the samples (for the temperature), stats).
     """
     policy = learner.policy
+    if cfg.actor_objective == "awac":
+        return awac_actor_loss(learner, batch, cfg)
+    if cfg.actor_objective != "sac":
+        raise ValueError(f"sac.actor_objective must be 'sac' or 'awac', got {cfg.actor_objective!r}")
     head_out = policy.actor(batch["hidden"], batch["mask"], batch["state"])
     std = policy.actor.log_std.clamp(-5.0, 1.0).exp().expand_as(head_out)
     dist = torch.distributions.Normal(head_out, std)
@@ -428,6 +439,31 @@ def actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig, bc_weight: fl
         loss = loss + bc_weight * reg
     return loss, logp.detach(), {"actor_loss": loss.item(), "q_pi": q.mean().item(), "logp": logp.mean().item(),
                                  "bc_reg": reg.item(), "bc_weight": bc_weight}
+
+
+def awac_actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """AWAC (Nair et al. 2020) on the deterministic action: weighted MSE onto the stored actions.
+
+    weight = min(exp((Q(s, a) - Q(s, a_pi)) / beta), max_weight), Q the ensemble mean, no gradient:
+    demo and online actions that beat the current policy's are imitated, the others barely. With
+    a fixed exploration noise the weighted log-likelihood is this weighted MSE up to a constant.
+    """
+    policy = learner.policy
+    head_out = policy.actor(batch["hidden"], batch["mask"], batch["state"])
+    with torch.no_grad():
+        std = policy.actor.log_std.clamp(-5.0, 1.0).exp().expand_as(head_out)
+        a_pi, logp = policy.squashed_sample(torch.distributions.Normal(head_out, std))
+        pooled = batch.get("critic_pooled")
+        if pooled is None:
+            pooled = learner.critic.pool(batch["hidden"], batch["mask"])
+        q_data = learner.critic.q(pooled, batch["state"], batch["action"]).mean(0)
+        q_pi = learner.critic.q(pooled, batch["state"], a_pi).mean(0)
+        adv = q_data - q_pi
+        weight = torch.exp(adv / cfg.awac_beta).clamp(max=cfg.awac_max_weight)
+    err = (policy.deterministic_action(head_out) - batch["action"]).pow(2).sum(-1)
+    loss = (weight * err).mean()
+    return loss, logp, {"actor_loss": loss.item(), "q_pi": q_pi.mean().item(), "adv_mean": adv.mean().item(),
+                        "awac_weight_mean": weight.mean().item(), "bc_reg": err.mean().item(), "logp": logp.mean().item()}
 
 
 def temperature_loss(log_alpha: torch.Tensor, logp: torch.Tensor, target_entropy: float) -> torch.Tensor:
