@@ -38,6 +38,14 @@ def free_bytes(path: str | os.PathLike) -> int:
     return int(st.f_bavail) * int(st.f_frsize)
 
 
+def free_mb(path: str | os.PathLike) -> float:
+    """Free MB on `path`'s filesystem (for status reports); -1 when it cannot be read."""
+    try:
+        return round(free_bytes(path) / MB, 1)
+    except OSError:
+        return -1.0
+
+
 def require_free_space(path: str | os.PathLike, min_free_mb: float, need_bytes: int = 0, what: str = "write") -> int:
     """DiskSpaceError unless `need_bytes` fit on `path`'s filesystem with `min_free_mb` left over.
 

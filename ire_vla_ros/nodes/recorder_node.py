@@ -43,6 +43,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float32, String
 from std_srvs.srv import SetBool, Trigger
 
+from ire_vla_ros.diskspace import DiskSpaceError, free_mb, require_free_space
 from ire_vla_ros.episodes.recorder import EpisodeRecorder, EpisodeSession, health, image_size_problem
 from ire_vla_ros.nodes.ros_common import (
     LATCHED_QOS, RELIABLE_QOS, SENSOR_QOS, NodeStartupError, P, bind_live_params, declare_params, run_node,
@@ -247,11 +248,12 @@ class RecorderNode(Node):
 
     def _on_policy_params(self, msg: String) -> None:
         try:
-            if len(msg.data) > 100_000:
-                raise ValueError("too long")
-            value = json.loads(msg.data)
-            self._policy_params = value if isinstance(value, dict) else {"value": value}
+            value = json.loads(msg.data) if len(msg.data) <= 100_000 else None
         except ValueError:
+            value = None
+        if isinstance(value, dict):
+            self._policy_params = value
+        else:
             self.rejected["policy_params"] += 1
 
     def _on_action(self, msg: JointState) -> None:
@@ -270,8 +272,6 @@ class RecorderNode(Node):
 
     # episode control ---------------------------------------------------------------------------
     def _on_start(self, _req, resp):
-        from ire_vla_ros.diskspace import DiskSpaceError, require_free_space
-
         try:
             require_free_space(self.p.episodes_dir, self.p.min_free_mb, what="a new episode")
         except DiskSpaceError as exc:
@@ -350,14 +350,8 @@ class RecorderNode(Node):
             self._publish_status()
 
     def status(self) -> dict:
-        from ire_vla_ros.diskspace import MB, free_bytes
-
         st = self.session.status()
-        try:
-            free_mb = round(free_bytes(self.p.episodes_dir) / MB, 1)
-        except OSError:
-            free_mb = -1.0
-        st.update(source=self.p.source, iteration=int(self.p.iteration), free_mb=free_mb,
+        st.update(source=self.p.source, iteration=int(self.p.iteration), free_mb=free_mb(self.p.episodes_dir),
                   min_free_mb=self.p.min_free_mb, writer_pid=self._writer_proc.pid or 0,
                   writer_restarts=self._writer_proc.restarts,
                   **{f"rejected_{k}": v for k, v in self.rejected.items()})
