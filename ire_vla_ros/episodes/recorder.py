@@ -142,6 +142,11 @@ class JointStateCache:
     def names(self) -> list[str]:
         return list(self._order)
 
+    def set_window(self, window_s: float) -> None:
+        self.window_s = float(window_s)
+        for buf in list(self._by_name.values()):
+            buf.window_ns = int(max(0.0, window_s) * NS)
+
     def prune(self, drop: Callable[[int], bool]) -> None:
         for buf in list(self._by_name.values()):
             buf.prune(drop)
@@ -468,11 +473,8 @@ class EpisodeSession:
         self._errors_ns = []
 
     def set_window(self, window_s: float) -> None:
-        ns = int(max(0.0, window_s) * NS)
-        self.images.window_ns = ns
-        self.joints.window_s = window_s
-        for buf in list(self.joints._by_name.values()):
-            buf.window_ns = ns
+        self.images.window_ns = int(max(0.0, window_s) * NS)
+        self.joints.set_window(window_s)
 
     def set_tolerance(self, tolerance_s: float) -> None:
         self.tolerance_ns = int(tolerance_s * NS)
