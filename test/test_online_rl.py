@@ -229,8 +229,8 @@ def _node_classes():
     from ire_vla_ros.nodes.ros_common import declare_params
     from ire_vla_ros.nodes.trainer_node import TrainerNode
 
-    if "online_checkpoint" in TrainerNode.PARAMS and "teleop_yield_s" in __import__(
-            "ire_vla_ros.nodes.policy_node", fromlist=["PARAMS"]).PARAMS:
+    assert "online_checkpoint" in TrainerNode.PARAMS
+    if "teleop_yield_s" in __import__("ire_vla_ros.nodes.policy_node", fromlist=["PARAMS"]).PARAMS:
         return PolicyNode, TrainerNode
 
     # INTERIM (until the owners' files take the hooks): the same few lines, as subclasses
@@ -250,51 +250,7 @@ def _node_classes():
             self.online.close()
             return super().destroy_node()
 
-    class HookedTrainer(TrainerNode):
-        def __init__(self, **kw):
-            self.online = None
-            super().__init__(**kw)
-            p = declare_params(self, online_rl.TRAINER_PARAMS)
-            self.refused["online_rl"] = 0
-            self.online = online_rl.OnlineRLHooks(self, p, offline_busy=self._offline_busy,
-                                                  start_iteration=self._start_iteration, publish_status=self._publish)
-
-        def _offline_busy(self):
-            if self.job is not None and not self.job.done:
-                return f"offline run {self.run} is in progress"
-            if self.job is not None and (not self._final_handled or self._reload["reload"] == "pending"):
-                return f"the policy reload of run {self.run} is pending"
-            return None
-
-        def _start_iteration(self):
-            resp = self._on_run(Trigger.Request(), Trigger.Response())
-            return resp.success, resp.message
-
-        def _on_run(self, req, resp):
-            why = self.online.busy_reason() if self.online else None
-            if why:
-                return self._refuse(resp, "online_rl", why)
-            return super()._on_run(req, resp)
-
-        def status(self):
-            st = super().status()
-            if self.online is not None:
-                st["online"] = self.online.status()
-            return st
-
-        def _on_tick(self):
-            if self.online is not None:
-                self.online.tick()
-                if self.online.version != getattr(self, "_online_version", None):
-                    self._online_version = self.online.version
-                    self._publish()
-            super()._on_tick()
-
-        def destroy_node(self):
-            self.online.close()
-            return super().destroy_node()
-
-    return HookedPolicy, HookedTrainer
+    return HookedPolicy, TrainerNode
 
 
 def test_online_rl_through_ros_episodes_heads_interventions_stop_reload(ros, tmp_path):
@@ -415,3 +371,51 @@ def test_online_rl_through_ros_episodes_heads_interventions_stop_reload(ros, tmp
     new = resolve_checkpoint(root)
     assert new != ckpt0
     wait_for(lambda: Path(policy.runner.checkpoint).resolve() == new.resolve(), 30, "policy on the new checkpoint")
+
+
+def test_trainer_online_rl_refusals_and_learner_crash_over_ros(ros, tmp_path):
+    """No checkpoint -> refused with the reason; a learner that dies (no demos) -> ~/status error, the
+    node answers on; stop when nothing runs -> refused; the offline run is refused while online RL runs."""
+    from std_msgs.msg import String
+    from std_srvs.srv import Trigger
+
+    from ire_vla_ros.nodes.ros_common import LATCHED_QOS
+    from ire_vla_ros.nodes.trainer_node import TrainerNode
+
+    root, episodes = tmp_path / "ckpts", tmp_path / "episodes"
+    trainer = ros.add(TrainerNode, episodes_dir=str(episodes), checkpoints_dir=str(root), device="cpu",
+                      online_learner_args=fast_args(), online_explore_service="")
+    status = ros.collect(String, "/trainer_node/status", LATCHED_QOS)
+
+    def online():
+        return json.loads(status[-1].data)["online"] if status else {}
+
+    r = ros.call(Trigger, "/trainer_node/start_online_rl")
+    assert not r.success and "no checkpoint to improve" in r.message
+    r = ros.call(Trigger, "/trainer_node/stop_online_rl")
+    assert not r.success and "not running" in r.message
+    make_tiny_checkpoint(root)
+    r = ros.call(Trigger, "/trainer_node/start_online_rl")  # starts; the learner then finds no demos and exits 2
+    assert r.success, r.message
+    wait_for(lambda: online().get("state") == "failed", 300, lambda: f"learner failure reported ({online()})")
+    st = online()
+    assert st["returncode"] == 2 and "no teleop episodes" in st["error"], st
+    assert st["refused"] == {"busy": 0, "offline_running": 0, "not_running": 1, "start_failed": 1}
+    assert ros.call(Trigger, "/trainer_node/stop_online_rl").success is False  # nothing runs any more
+    # online RL running -> offline run refused; the other way round too
+    for k in range(2):
+        _episode(episodes / "teleop", "teleop", 6, seed=k, success=True)
+    assert ros.call(Trigger, "/trainer_node/start_online_rl").success
+    r = ros.call(Trigger, "/trainer_node/run_iteration")
+    assert not r.success and "online RL is running" in r.message
+    assert trainer.refused["online_rl"] == 1
+    assert ros.call(Trigger, "/trainer_node/stop_online_rl").success
+    wait_for(lambda: online().get("state") in ("stopped", "failed") and online().get("after_stop"), 300,
+             lambda: f"learner stopped ({online()})")
+    # stopped before it was ready: the learner still exits cleanly; then Stage 2 was started
+    assert online()["after_stop"].startswith("stage2"), online()
+    wait_for(lambda: json.loads(status[-1].data)["state"] in ("running", "succeeded", "failed"), 30, "offline run")
+    if json.loads(status[-1].data)["state"] == "running":
+        r = ros.call(Trigger, "/trainer_node/start_online_rl")
+        assert not r.success and "offline run" in r.message
+        assert ros.call(Trigger, "/trainer_node/cancel").success

@@ -28,7 +28,12 @@ writable but must name a torch device. The checkpoint the child reports must lie
 Status JSON keys: state (idle | running | succeeded | failed | cancelled), run, stage, fraction,
 message, checkpoint, returncode, elapsed_s, log_path, output_tail, reload (""/pending/ok/failed/
 skipped/refused), reload_message, command, calls {run_iteration, cancel}, refused {busy,
-reload_pending, too_soon, start_failed}.
+reload_pending, too_soon, start_failed, online_rl}, online {...}.
+
+Online RL (issue 7): `~/start_online_rl` / `~/stop_online_rl` run the SACfD learner as a child
+process fed by the recorder's `~/episode_saved`; new heads go out on the latched `~/head_snapshot`;
+stop -> the `~/run_iteration` path above. Each refuses while the other kind of run is in progress.
+See nodes/online_rl.py (parameters `online_*`).
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ from rclpy.parameter import Parameter
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from ire_vla_ros.nodes import online_rl
 from ire_vla_ros.nodes.ros_common import LATCHED_QOS, P, bind_live_params, declare_params, run_node
 from ire_vla_ros.paths import PathOutsideRoot, confine
 
@@ -70,7 +76,10 @@ LIMITS_HELP = (
     f"min_run_interval_s after the last start, is refused at once and counted (~/status 'refused'); "
     f"child output lines are read up to {MAX_LINE_CHARS} characters, status fields cut to "
     f"{MAX_FIELD_CHARS}, {TAIL_LINES} output lines kept. Read-only (launch time only): command, "
-    f"extra_args, working_dir, config, episodes_dir, checkpoints_dir, log_dir, reload_service."
+    f"extra_args, working_dir, config, episodes_dir, checkpoints_dir, log_dir, reload_service, "
+    f"online_checkpoint, online_episode_topic, online_explore_service, online_learner_args. Online RL: "
+    f"refused while an offline run is in progress (and vice versa); episode paths queued for the learner "
+    f"at most {online_rl.MAX_PENDING_PATHS} (more: dropped and counted, the files stay for the offline run)."
 )
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,2})?)$")
 
@@ -262,6 +271,7 @@ class TrainerNode(Node):
                                 min=0.0, max=3600.0),
         "status_period_s": P(0.2, "How often the child's progress is checked", min=0.02, max=10.0,
                              read_only=True),
+        **online_rl.TRAINER_PARAMS,
     }
 
     def __init__(self, **kwargs):
@@ -275,7 +285,7 @@ class TrainerNode(Node):
         self.job: TrainingJob | None = None
         self._last_start = -float("inf")
         self.calls = {"run_iteration": 0, "cancel": 0}
-        self.refused = {"busy": 0, "reload_pending": 0, "too_soon": 0, "start_failed": 0}
+        self.refused = {"busy": 0, "reload_pending": 0, "too_soon": 0, "start_failed": 0, "online_rl": 0}
         self.run = 0
         self._published_version = (-1, 0)
         self._final_handled = True
@@ -287,6 +297,8 @@ class TrainerNode(Node):
         self.status_pub = self.create_publisher(String, "~/status", LATCHED_QOS)
         self.create_service(Trigger, "~/run_iteration", self._on_run)
         self.create_service(Trigger, "~/cancel", self._on_cancel)
+        self.online = online_rl.OnlineRLHooks(self, self.p, offline_busy=self._offline_busy,
+                                              start_iteration=self._start_iteration, publish_status=self._publish)
         self.create_timer(self.p.status_period_s, self._on_tick)
         self._publish()
         self.get_logger().info("ready: call ~/run_iteration to train on "
@@ -309,6 +321,7 @@ class TrainerNode(Node):
         base.update(self._reload)
         base["calls"] = dict(self.calls)
         base["refused"] = dict(self.refused)
+        base["online"] = self.online.status()
         return base
 
     def _publish(self) -> None:
@@ -324,9 +337,25 @@ class TrainerNode(Node):
                                   throttle_duration_sec=1.0)
         return resp
 
+    def _offline_busy(self) -> str | None:
+        """Why online RL must not start now (an offline run or its policy reload in progress), or None."""
+        if self.job is not None and not self.job.done:
+            return f"offline run {self.run} is in progress"
+        if self.job is not None and (not self._final_handled or self._reload["reload"] == "pending"):
+            return f"the policy reload of run {self.run}'s checkpoint is pending"
+        return None
+
+    def _start_iteration(self) -> tuple[bool, str]:
+        """~/run_iteration from inside the node (online RL stopped -> Stage 2 -> reload)."""
+        resp = self._on_run(Trigger.Request(), Trigger.Response())
+        return resp.success, resp.message
+
     def _on_run(self, _req, resp):
         with self._lock:
             self.calls["run_iteration"] += 1
+            online_busy = self.online.busy_reason()
+            if online_busy:
+                return self._refuse(resp, "online_rl", online_busy)
             if self.job is not None and not self.job.done:
                 s = self.job.snapshot()
                 return self._refuse(resp, "busy", (
@@ -384,8 +413,9 @@ class TrainerNode(Node):
         job = self.job
         if job is not None:
             job.enforce_cancel()
+        self.online.tick()
         # refused calls show on ~/status at most once per tick, not once per call
-        version = (job.version if job is not None else -1, sum(self.calls.values()))
+        version = (job.version if job is not None else -1, sum(self.calls.values()), self.online.version)
         if version != self._published_version:
             self._published_version = version
             self._publish()
@@ -467,6 +497,7 @@ class TrainerNode(Node):
         self._publish()
 
     def destroy_node(self):
+        self.online.close()
         if self.job is not None and not self.job.done:
             self.get_logger().warning(f"shutting down: stopping training run {self.run}")
             self.job.cancel(self._param("cancel_timeout_s"))
