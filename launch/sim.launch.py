@@ -8,6 +8,13 @@ ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST and a ROS_DOMAIN_ID of your own before l
 Episodes: `ros2 service call /recorder_node/start_episode std_srvs/srv/Trigger` (resets the sim and
 reward_node), `/policy_node/enable` (SetBool) to let the policy act, `/trainer_node/run_iteration`
 to train; the policy reloads the new checkpoint when checkpoint == checkpoints_dir.
+
+Online RL (issue 7; checkpoint:=<root> checkpoints_dir:=<same root>, teleop demos recorded first):
+  ros2 service call /trainer_node/start_online_rl std_srvs/srv/Trigger      # learner child + exploring
+  ros2 service call /policy_node/enable std_srvs/srv/SetBool "{data: true}"
+  ros2 param set /sim_node auto_episodes true                              # episodes back to back
+  ros2 topic echo /trainer_node/status                                     # online.success_rate_last_20
+  ros2 service call /trainer_node/stop_online_rl std_srvs/srv/Trigger       # -> Stage 2 -> reload
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable

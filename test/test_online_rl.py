@@ -419,3 +419,30 @@ def test_trainer_online_rl_refusals_and_learner_crash_over_ros(ros, tmp_path):
         r = ros.call(Trigger, "/trainer_node/start_online_rl")
         assert not r.success and "offline run" in r.message
         assert ros.call(Trigger, "/trainer_node/cancel").success
+
+
+def test_sim_node_runs_episodes_back_to_back_until_switched_off(ros, tmp_path):
+    """auto_episodes: the sim starts the next episode after each save (the operator's part), and
+    stops after the current one when switched off (while its ticks go on)."""
+    from rclpy.parameter import Parameter
+    from std_msgs.msg import String
+
+    from ire_vla_ros.nodes.recorder_node import RecorderNode
+    from ire_vla_ros.nodes.reward_node import RewardNode
+    from ire_vla_ros.nodes.sim_node import SimNode
+    from ire_vla_ros.nodes.teleop_node import TeleopNode
+
+    sim = ros.add(SimNode, task=TASK, rate_hz=10.0, seed=0, auto_episodes=False, auto_episode_pause_s=0.2)
+    ros.add(TeleopNode, mode="scripted_expert", action_spec="metaworld_4d", rate_hz=10.0, frame_id="world")
+    ros.add(RewardNode, backend="sim", max_episode_steps=8, action_topic="/teleop_node/action")
+    ros.add(RecorderNode, episodes_dir=str(tmp_path / "episodes"), source="teleop", task=TASK,
+            action_topic="/teleop_node/action", start_services=["/sim_node/reset", "/reward_node/start_episode"])
+    saved = ros.collect(String, "/recorder_node/episode_saved")
+    assert sim.set_parameters([Parameter("auto_episodes", value=True)])[0].successful
+    wait_for(lambda: len(saved) >= 3, 120, lambda: f"3 episodes back to back ({sim.status()})")
+    assert sim.set_parameters([Parameter("auto_episodes", value=False)])[0].successful
+    n = len(saved) + 1  # the one in progress may still finish
+    ticks = sim.ticks
+    wait_for(lambda: sim.ticks >= ticks + 40, 60, "sim ticking")  # positive control: 4 s of sim time
+    assert len(saved) <= n and sim.auto_starts["refused"] == 0, sim.auto_starts
+    assert sim.auto_starts["started"] == sim.auto_starts["requested"] >= 3

@@ -26,6 +26,7 @@ In sim mode a warning is printed when discovery is not confined to this machine.
     ire-vla bringup robot --teleop --record teleop   # keyboard teleop in this terminal + recorder
     ire-vla bringup robot --checkpoint ckpts --set policy_node.command_frame=base_link
     ire-vla bringup robot --processes --fake-robot  # one process per node, fake camera/arm at robot rates
+    ire-vla bringup sim --online --checkpoints ckpts --episodes eps  # online RL loop (docs/ROBOT_SETUP.md)
 """
 from __future__ import annotations
 
@@ -153,6 +154,13 @@ def plan(args) -> list[NodePlan]:
         _merge(overrides, {"sim_node": {"task": args.task}, "recorder_node": {"task": args.task}})
     elif args.task:
         _merge(overrides, {"recorder_node": {"task": args.task}})
+    if getattr(args, "online", False):
+        # heads and reloads apply only to the checkpoint the trainer improves: the policy runs its root
+        if not args.checkpoints:
+            raise ValueError("--online needs --checkpoints (the root the policy runs and the trainer improves)")
+        if args.checkpoint and Path(args.checkpoint).resolve() != Path(args.checkpoints).resolve():
+            raise ValueError("--online: --checkpoint must be the --checkpoints root (or left out)")
+        _merge(overrides, {"policy_node": {"checkpoint": args.checkpoints}})
     if args.checkpoint:
         _merge(overrides, {"policy_node": {"checkpoint": args.checkpoint}})
     if args.episodes:
@@ -204,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--episodes", help="episode store directory (recorder and trainer)")
     parser.add_argument("--checkpoints", help="checkpoint root the trainer writes (point --checkpoint at it "
                                               "to let ~/reload pick up new checkpoints)")
+    parser.add_argument("--online", action="store_true",
+                        help="online RL: the policy runs the --checkpoints root, so the trainer's head snapshots "
+                             "(~/start_online_rl) and reloads apply to it")
     parser.add_argument("--skip", action="append", choices=NODE_NAMES, metavar="NODE",
                         help="do not start this node (repeatable)")
     parser.add_argument("--set", action="append", metavar="NODE.PARAM=VALUE",

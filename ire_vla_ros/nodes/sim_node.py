@@ -32,6 +32,12 @@ Interface
   srv  ~/reset                std_srvs/Trigger   new episode with the next seed (seed, seed+1, ...)
   srv  <pause_service>        std_srvs/SetBool   Servo's pause (true) / resume (false)
 All messages of one step carry the same header stamp.
+
+Episodes back to back (`auto_episodes: true`, e.g. demos or the online RL loop in simulation, where a
+person would reset the robot and start the next episode): the node calls `episode_start_service`
+(the recorder's ~/start_episode, which resets this sim and reward_node) at once and then
+`auto_episode_pause_s` after each path on `episode_saved_topic`; a refused or failed start is
+retried every second. Setting `auto_episodes` false stops after the current episode.
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ from ire_vla_ros.nodes.ros_common import (
     SENSOR_QOS,
     NodeStartupError,
     P,
+    bind_live_params,
     declare_params,
     run_node,
 )
@@ -171,6 +178,13 @@ class SimNode(Node):
         "gripper_topic": P("/gripper/command", "Gripper command input", read_only=True),
         "pause_service": P("/servo_node/pause_servo", "std_srvs/SetBool served like Servo's pause "
                            "('' = none)", read_only=True),
+        "auto_episodes": P(False, "Start episodes back to back: call episode_start_service now and after "
+                           "each saved episode"),
+        "auto_episode_pause_s": P(0.5, "Pause between a saved episode and the next start", min=0.0, max=60.0),
+        "episode_start_service": P("/recorder_node/start_episode", "std_srvs/Trigger that starts (and "
+                                   "records) an episode", read_only=True),
+        "episode_saved_topic": P("/recorder_node/episode_saved", "std_msgs/String, one per saved episode",
+                                 read_only=True),
     }
 
     def __init__(self, **kwargs):
@@ -229,6 +243,15 @@ class SimNode(Node):
 
         self._reset()
         self.timer = self.create_timer(self.dt, self._on_tick, callback_group=MutuallyExclusiveCallbackGroup())
+        # back-to-back episodes (the operator's part in simulation)
+        self.auto_starts = {"requested": 0, "started": 0, "refused": 0}
+        self._auto_due: float | None = time.monotonic() if self.p.auto_episodes else None
+        self._auto_future = None
+        self._start_client = self.create_client(Trigger, self.p.episode_start_service)
+        self.create_subscription(String, self.p.episode_saved_topic, self._on_episode_saved, RELIABLE_QOS,
+                                 callback_group=commands)
+        bind_live_params(self, {k: self.PARAMS[k] for k in ("auto_episodes", "auto_episode_pause_s")}, self.p,
+                         apply=self._on_auto_param)
         self.get_logger().info(
             f"{self.p.task} ('{self.env.instruction}') at {self.p.rate_hz:g} Hz, {self.p.image_size}px "
             f"'{self.p.camera}' camera; 1 action unit = {scale * 1000:.1f} mm/step, command timeout "
@@ -310,7 +333,7 @@ class SimNode(Node):
                     reward=round(self.last_reward, 4), measured_rate_hz=round(rate, 2),
                     stale_steps=self.mixer.stale_steps, rejected_frames=self.rejected_frames,
                     paused=self.mixer.paused, paused_steps=self.mixer.paused_steps,
-                    ticks=self.ticks)
+                    ticks=self.ticks, auto_episodes=dict(getattr(self, "auto_starts", {})))
 
     def _publish_status(self) -> None:
         self.status_pub.publish(String(data=json.dumps(self.status())))
@@ -361,6 +384,43 @@ class SimNode(Node):
             del self._tick_times[0]
         if self.env.steps % max(1, int(self.p.rate_hz)) == 0 or self.success:
             self._publish_status()
+        self._on_auto()  # checked once per tick: no extra timer competing with the tick
+
+    def _on_auto_param(self, changed: dict) -> None:
+        if changed.get("auto_episodes") and self._auto_due is None and self._auto_future is None:
+            self._auto_due = time.monotonic()
+        elif changed.get("auto_episodes") is False:
+            self._auto_due = None
+
+    def _on_episode_saved(self, _msg: String) -> None:
+        if self.p.auto_episodes:
+            self._auto_due = time.monotonic() + self.p.auto_episode_pause_s
+
+    def _on_auto(self) -> None:
+        if self._auto_due is None or self._auto_future is not None or time.monotonic() < self._auto_due:
+            return
+        if not self._start_client.service_is_ready():
+            self._auto_due = time.monotonic() + 1.0
+            return
+        self._auto_due = None
+        self.auto_starts["requested"] += 1
+        self._auto_future = self._start_client.call_async(Trigger.Request())
+        self._auto_future.add_done_callback(self._on_auto_started)
+
+    def _on_auto_started(self, future) -> None:
+        self._auto_future = None
+        try:
+            ok, message = future.result().success, future.result().message
+        except Exception as exc:  # noqa: BLE001 - reported and retried
+            ok, message = False, str(exc)
+        if ok:
+            self.auto_starts["started"] += 1
+        else:
+            self.auto_starts["refused"] += 1
+            self.get_logger().warning(f"auto episode: {self.p.episode_start_service} refused ({message}); "
+                                      "retrying in 1 s", throttle_duration_sec=5.0)
+            if self.p.auto_episodes:
+                self._auto_due = time.monotonic() + 1.0
 
     def _on_reset(self, _req, resp):
         with self._env_lock:
