@@ -439,10 +439,10 @@ def test_sim_node_runs_episodes_back_to_back_until_switched_off(ros, tmp_path):
             action_topic="/teleop_node/action", start_services=["/sim_node/reset", "/reward_node/start_episode"])
     saved = ros.collect(String, "/recorder_node/episode_saved")
     assert sim.set_parameters([Parameter("auto_episodes", value=True)])[0].successful
-    wait_for(lambda: len(saved) >= 3, 120, lambda: f"3 episodes back to back ({sim.status()})")
-    assert sim.set_parameters([Parameter("auto_episodes", value=False)])[0].successful
-    n = len(saved) + 1  # the one in progress may still finish
+    wait_for(lambda: len(saved) >= 3 and sim.auto_starts["started"] >= 4, 120,
+             lambda: f"3 episodes back to back and a 4th started ({sim.status()})")
+    assert sim.set_parameters([Parameter("auto_episodes", value=False)])[0].successful  # during episode 4
+    wait_for(lambda: len(saved) >= 4, 60, "the episode in progress finishes")
     ticks = sim.ticks
     wait_for(lambda: sim.ticks >= ticks + 40, 60, "sim ticking")  # positive control: 4 s of sim time
-    assert len(saved) <= n and sim.auto_starts["refused"] == 0, sim.auto_starts
-    assert sim.auto_starts["started"] == sim.auto_starts["requested"] >= 3
+    assert len(saved) == 4 and sim.auto_starts == {"requested": 4, "started": 4, "refused": 0}, sim.auto_starts
