@@ -482,7 +482,9 @@ def test_pacer_keeps_the_rate_on_a_30hz_camera(mode):
     pacer = ControlPacer(0.1, mode, now=0.0)
     frames = [i / 30.0 + 0.004 for i in range(400)]  # 13 s of frames (10 s simulated), 4 ms transport
     acts, ages, t, k = [], [], 0.0, 0
-    while t < 10.0:
+    for _ in range(10_000):  # bounded: a pacer that never advances fails instead of hanging
+        if t >= 10.0:
+            break
         deadline = t + pacer.timeout(t)
         nxt = frames[k] if k < len(frames) else 1e9
         if mode == "frame" and nxt <= deadline:
@@ -497,6 +499,7 @@ def test_pacer_keeps_the_rate_on_a_30hz_camera(mode):
             if k:
                 ages.append(t - frames[k - 1])
             pacer.done(t)
+    assert t >= 10.0, "the pacer stopped advancing"
     assert len(acts) == pytest.approx(100, abs=2)
     gaps = np.diff(acts)
     assert gaps.max() <= 0.1 + 1 / 30.0 + 1e-9      # steady: never more than a period + a frame

@@ -46,7 +46,7 @@ from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Bool, String
 from std_srvs.srv import SetBool, Trigger
 
-from ire_vla_ros.nodes import motion_backends
+from ire_vla_ros.nodes import motion_backends, online_rl
 from ire_vla_ros.nodes.ros_common import (
     ESTOP_QOS, LATCHED_QOS, RELIABLE_QOS, NodeStartupError, P, bind_live_params, declare_params,
     params_as_dict, run_node, stamp_ns,
@@ -113,7 +113,8 @@ _POLICY_PARAMS = {
                                min=1, max=1 << 20),
     "diagnostics_period_s": P(1.0, "Period of /diagnostics", min=0.1, max=60.0, read_only=True),
 }
-PARAMS = {**_POLICY_PARAMS, **motion_backends.PARAMS}
+PARAMS = {**_POLICY_PARAMS, **motion_backends.PARAMS, **online_rl.POLICY_PARAMS}
+_LIVE = {**_POLICY_PARAMS, "teleop_yield_s": online_rl.POLICY_PARAMS["teleop_yield_s"]}
 DESCRIPTION = __doc__.split("\n\n")[0]
 SAFETY_KEYS = ("max_translation_m", "max_rotation_rad", "workspace_enabled", "workspace_min_xyz",
                "workspace_max_xyz", "stale_timeout_s", "ee_pose_timeout_s")
@@ -185,7 +186,8 @@ class PolicyNode(Node):
         self.reloader = ModelReloader(self._load, self.runner.offer_model, self._reload_done)
         self._estop_matched = 0
         self._moving = False
-        bind_live_params(self, _POLICY_PARAMS, p, check=self._check_params, apply=self._apply_params)
+        self.online = online_rl.PolicyOnlineHooks(self, p, self.runner, self._checkpoint_root)  # heads, yield
+        bind_live_params(self, _LIVE, p, check=self._check_params, apply=self._apply_params)
 
         # ---- ROS interfaces ------------------------------------------------------------------------
         self._tf_buffer = None
@@ -269,6 +271,8 @@ class PolicyNode(Node):
             self.obs.max_instruction_bytes = int(self.p.max_instruction_bytes)
             if "default_instruction" in changed and changed["default_instruction"]:
                 self.obs.set_instruction(changed["default_instruction"])
+            if "teleop_yield_s" in changed:
+                self.online.set_yield_s(changed["teleop_yield_s"])
         self.get_logger().info(f"parameters set: {changed}")
         self._publish_params()
 
@@ -406,6 +410,10 @@ class PolicyNode(Node):
             pacer.done(time.monotonic())
 
     def _send(self, cmd) -> None:
+        if self.online.yielding():  # the operator is driving: no command, and no stop that would pause Servo
+            self._moving = False
+            self.runner.counters["yielded_to_operator"] += 1
+            return
         if not self.backend.send(cmd.delta, cmd.ee_pos, cmd.ee_quat):
             return
         self._moving = True
@@ -418,6 +426,7 @@ class PolicyNode(Node):
                                              cmd.value)
         self._action_pub.publish(msg)
         self.runner.sent(cmd, self._now())
+        self.online.on_command(cmd.image_stamp)
         if cmd.modified:
             self.get_logger().info(f"action limited: {cmd.modified}", throttle_duration_sec=2.0)
 
@@ -425,6 +434,7 @@ class PolicyNode(Node):
     def stats(self) -> dict:
         """Everything /diagnostics reports, as a dict (also handy in tests and benchmarks)."""
         return {**self.runner.stats(self._now()), **self.backend.stats(), **dict(self.obs.counters),
+                **self.online.stats(),
                 **dict(self.reloader.counters), "reload_last_result": self.reloader.last_result,
                 "reload_running": self.reloader.running, "instruction": self.obs.instruction,
                 "image_decoder": self.runner.decoder.name, "image_reliability": getattr(
@@ -454,6 +464,7 @@ class PolicyNode(Node):
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
         self.backend.close()
+        self.online.close()
         return super().destroy_node()
 
 
