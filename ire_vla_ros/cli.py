@@ -69,8 +69,12 @@ def cmd_train_sft(args) -> int:
     from .training.stages import new_policy, stage0_sft, stage2_sft
     from .vla.checkpoint import load_checkpoint, read_metadata, resolve_device, save_checkpoint
 
+    from .training import distributed
+
     cfg = _load_cfg(args)
-    device = resolve_device(cfg.device)
+    # Under torchrun (WORLD_SIZE > 1) join the process group: DDP over LoRA + head, rank 0 saves.
+    dist_info = distributed.init_from_env(resolve_device(cfg.device))
+    device = distributed.device_for(resolve_device(cfg.device))
     expert = scan_episodes(args.episodes, sources=["teleop"]).episodes
     online = scan_episodes(args.episodes, sources=["policy", "rl"], successful_only=True).episodes
     if not expert:
@@ -87,10 +91,13 @@ def cmd_train_sft(args) -> int:
         policy = new_policy(cfg, ep.action_spec, ep.joint_names, device)
         stats = stage0_sft(policy, expert, cfg.sft, progress=not args.no_progress)
         stage, iteration = "sft", 0
-    ckpt = save_checkpoint(policy, args.checkpoints, stage=stage, iteration=iteration,
-                           metadata={"train": stats, "expert": [str(p) for p in expert],
-                                     "online": [str(p) for p in online]})
-    print(f"CHECKPOINT {ckpt}")
+    if dist_info.is_main:  # one writer: rank 0, atomically (a failed run leaves `latest` as it was)
+        ckpt = save_checkpoint(policy, args.checkpoints, stage=stage, iteration=iteration,
+                               metadata={"train": stats, "expert": [str(p) for p in expert],
+                                         "online": [str(p) for p in online]})
+        print(f"CHECKPOINT {ckpt}")
+    distributed.barrier()
+    distributed.shutdown()
     return 0
 
 

@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 
 from ..episodes.dataset import EpisodeStepDataset, mixing_weights
 from ..vla.policy import VLAPolicy
+from ..vla.precision import autocast
+from . import distributed
 from . import tb
 from .config import SFTConfig
 
@@ -84,22 +86,39 @@ def train_sft(policy: VLAPolicy, data: SFTData, cfg: SFTConfig, *, desc: str = "
     rng = np.random.default_rng(cfg.seed)
     params = [p for g in opt.param_groups for p in g["params"]]
     history, evals = [], []
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, mininterval=2.0)
+    # Under torchrun: DDP over LoRA + head; every rank draws the same global batch (same seeded
+    # generators) and trains on its shard, so the weighted expert/online sampling is unchanged.
+    ddp = distributed.wrap_for_training(policy, sft_loss)
+    dist_info = distributed.info()
+    if cfg.batch_size % dist_info.world_size:
+        raise ValueError(f"sft.batch_size {cfg.batch_size} must divide by the {dist_info.world_size} processes")
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress or not dist_info.is_main, mininterval=2.0)
     running = None
     for step in bar:
         idx = torch.multinomial(data.weights, cfg.batch_size, replacement=True, generator=gen).numpy()
         images = random_shift(data.images[idx], cfg.augment_shift_px, rng)
-        loss = sft_loss(policy, images, data.states[idx], data.actions[idx], [data.instructions[i] for i in idx])
-        if not torch.isfinite(loss):
+        if ddp is None:
+            with autocast(policy.device):
+                loss = sft_loss(policy, images, data.states[idx], data.actions[idx],
+                                [data.instructions[i] for i in idx])
+            global_loss = loss
+        else:
+            mine = distributed.shard(np.arange(len(idx)))
+            with autocast(policy.device):
+                loss = ddp(images[mine], data.states[idx[mine]], data.actions[idx[mine]],
+                           [data.instructions[i] for i in idx[mine]])
+            global_loss = distributed.mean_across_ranks(loss)
+        if not torch.isfinite(global_loss):  # the same verdict on every rank
             raise FloatingPointError(f"{desc}: non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
         sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        history.append(loss.item())
-        tb.log("sft", {"loss": loss.item(), "lr_head": opt.param_groups[0]["lr"], "lr_lora": opt.param_groups[1]["lr"]})
+        loss_value = global_loss.item()
+        running = loss_value if running is None else 0.98 * running + 0.02 * loss_value
+        history.append(loss_value)
+        tb.log("sft", {"loss": loss_value, "lr_head": opt.param_groups[0]["lr"], "lr_lora": opt.param_groups[1]["lr"]})
         if step % 20 == 0:
             bar.set_postfix(loss=f"{running:.4f}")
         if eval_fn is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
@@ -109,4 +128,5 @@ def train_sft(policy: VLAPolicy, data: SFTData, cfg: SFTConfig, *, desc: str = "
             policy.actor.train()
     policy.eval()
     return {"loss_first": float(np.mean(history[:20])), "loss_last": float(np.mean(history[-50:])),
+            "loss_history": [round(v, 6) for v in history], "world_size": dist_info.world_size,
             "steps": cfg.steps, "n_expert_steps": data.n_expert, "n_online_steps": data.n_online, "evals": evals}
