@@ -31,7 +31,6 @@ import json
 import math
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -53,7 +52,9 @@ from ire_vla_ros.nodes.ros_common import (
 )
 from ire_vla_ros.robot.action_msg import pack_action
 from ire_vla_ros.robot.image_codec import CompressedDecoder, ImageLimits, make_decoder
-from ire_vla_ros.robot.runner import ControlPacer, LatestObservations, ModelReloader, PolicyRunner
+from ire_vla_ros.robot.runner import (
+    ControlPacer, LatestObservations, ModelReloader, PolicyRunner, checkpoint_location, metadata_instruction,
+)
 from ire_vla_ros.robot.safety import SafetyConfig, SafetyFilter
 
 _POLICY_PARAMS = {
@@ -120,14 +121,6 @@ SAFETY_KEYS = ("max_translation_m", "max_rotation_rad", "workspace_enabled", "wo
                "workspace_max_xyz", "stale_timeout_s", "ee_pose_timeout_s")
 
 
-def safety_config(v: dict) -> SafetyConfig:
-    return SafetyConfig(
-        max_translation_m=v["max_translation_m"], max_rotation_rad=v["max_rotation_rad"],
-        workspace_enabled=v["workspace_enabled"], workspace_min=tuple(v["workspace_min_xyz"]),
-        workspace_max=tuple(v["workspace_max_xyz"]), stale_timeout_s=v["stale_timeout_s"],
-        ee_pose_timeout_s=v["ee_pose_timeout_s"])
-
-
 def reliability_for(offered) -> ReliabilityPolicy | None:
     """As rosbag2 does: RELIABLE only if every publisher offers it; None when there is no publisher."""
     offered = list(offered)
@@ -149,7 +142,7 @@ class PolicyNode(Node):
             if getattr(p, name) not in allowed:
                 raise NodeStartupError(f"{name} {getattr(p, name)!r} is not one of {allowed}")
         try:
-            safety_cfg = safety_config(vars(p))
+            safety_cfg = SafetyConfig.from_params(vars(p))
         except ValueError as exc:
             raise NodeStartupError(f"safety parameters: {exc}") from exc
         group = MutuallyExclusiveCallbackGroup()
@@ -169,7 +162,7 @@ class PolicyNode(Node):
             self._device = resolve_device(p.device)
         except RuntimeError as exc:
             raise NodeStartupError(str(exc)) from exc
-        self._checkpoint_root = _checkpoint_location(p.checkpoint)
+        self._checkpoint_root = checkpoint_location(p.checkpoint)
         try:
             policy, ckpt = self._load()
         except Exception as exc:  # CheckpointError and anything a broken checkpoint throws
@@ -182,7 +175,7 @@ class PolicyNode(Node):
         self.runner = PolicyRunner(policy, ckpt, safety, decoder, needs_ee_pose=self.backend.needs_ee_pose,
                                    explore=p.explore)
         self.obs = LatestObservations(ImageLimits(p.max_image_pixels, p.max_image_bytes), p.max_instruction_bytes,
-                                      p.default_instruction or _metadata_instruction(ckpt))
+                                      p.default_instruction or metadata_instruction(ckpt))
         self.reloader = ModelReloader(self._load, self.runner.offer_model, self._reload_done)
         self._estop_matched = 0
         self._moving = False
@@ -250,7 +243,7 @@ class PolicyNode(Node):
     # ======================================================================== parameters
     def _check_params(self, v: dict) -> str | None:
         try:
-            safety_config(v)
+            SafetyConfig.from_params(v)
         except ValueError as exc:
             return str(exc)
         n = len(v["default_instruction"].encode("utf-8", "surrogatepass"))
@@ -261,7 +254,7 @@ class PolicyNode(Node):
     def _apply_params(self, changed: dict) -> None:
         with self.runner.lock:  # between steps: the next command uses the new values
             if set(changed) & set(SAFETY_KEYS):
-                self.runner.safety.set_config(safety_config(vars(self.p)))
+                self.runner.safety.set_config(SafetyConfig.from_params(vars(self.p)))
             if "explore" in changed:
                 self.runner.explore = bool(changed["explore"])
             if "torch_num_threads" in changed and changed["torch_num_threads"] > 0:
@@ -466,22 +459,6 @@ class PolicyNode(Node):
         self.backend.close()
         self.online.close()
         return super().destroy_node()
-
-
-def _checkpoint_location(arg: str) -> Path:
-    path = Path(arg).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    from ire_vla_ros.paths import share_dir
-
-    return share_dir() / path
-
-
-def _metadata_instruction(ckpt: Path) -> str:
-    try:
-        return str(json.loads((Path(ckpt) / "metadata.json").read_text()).get("instruction", "") or "")
-    except (OSError, ValueError, AttributeError):
-        return ""
 
 
 def main(args=None) -> int:

@@ -32,7 +32,7 @@ from ire_vla_ros.robot.safety import MotionDelta, Reason, SafetyFilter
 from ire_vla_ros.robot.stats import RateMeter, RollingStats
 
 __all__ = ["LatestObservations", "Snapshot", "PolicyRunner", "StepResult", "ControlPacer", "ModelReloader",
-           "Skip", "model_input_size"]
+           "Skip", "model_input_size", "checkpoint_location", "metadata_instruction"]
 
 
 class Skip:
@@ -212,6 +212,27 @@ def model_input_size(policy) -> int | None:
     if size is None:
         size = getattr(getattr(getattr(policy, "cfg", None), "backbone", None), "image_size", None)
     return int(size) if size else None
+
+
+def checkpoint_location(arg: str) -> Path:
+    """The `checkpoint` parameter as a path: as given if it exists or is absolute, else under the
+    package share directory (where models/ is installed)."""
+    path = Path(arg).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    from ire_vla_ros.paths import share_dir
+
+    return share_dir() / path
+
+
+def metadata_instruction(ckpt: Path) -> str:
+    """The checkpoint metadata's `instruction`, or ""."""
+    import json
+
+    try:
+        return str(json.loads((Path(ckpt) / "metadata.json").read_text()).get("instruction", "") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 class PolicyRunner:

@@ -66,6 +66,14 @@ class SafetyConfig:
     stale_timeout_s: float = 0.5           # newest image / joint state older than this -> no command
     ee_pose_timeout_s: float = 0.5         # newest EE pose older than this -> no command (box enabled)
 
+    @classmethod
+    def from_params(cls, v: dict) -> "SafetyConfig":
+        """From the policy node's parameter values (ValueError when they do not fit together)."""
+        return cls(max_translation_m=v["max_translation_m"], max_rotation_rad=v["max_rotation_rad"],
+                   workspace_enabled=v["workspace_enabled"], workspace_min=tuple(v["workspace_min_xyz"]),
+                   workspace_max=tuple(v["workspace_max_xyz"]), stale_timeout_s=v["stale_timeout_s"],
+                   ee_pose_timeout_s=v["ee_pose_timeout_s"])
+
     def __post_init__(self):
         if self.max_translation_m < 0 or self.max_rotation_rad < 0:
             raise ValueError("per-step clamps must be >= 0")
