@@ -488,6 +488,43 @@ def test_safety_limit_lowered_from_another_process(make_rig, ckpts, ros):
     assert rig.node.get_parameter("checkpoint").value == str(ckpts["big"])
 
 
+def test_every_writable_parameter_takes_effect(make_rig, ckpts, ros):
+    from rclpy.parameter import Parameter
+
+    from ire_vla_ros.nodes.policy_node import _LIVE
+
+    rig = make_rig(ckpts["base"])
+    node = rig.node
+    writable = {n for n, spec in PARAMS.items() if not spec.read_only}
+    assert writable <= set(_LIVE), f"writable but not applied when set: {writable - set(_LIVE)}"
+    new = {"explore": True, "default_instruction": "close the drawer", "torch_num_threads": 2,
+           "max_image_pixels": 1000, "max_image_bytes": 5000, "max_instruction_bytes": 40,
+           "max_rotation_rad": 0.05, "workspace_enabled": False, "workspace_min_xyz": [-0.1, -0.1, 0.0],
+           "workspace_max_xyz": [0.1, 0.1, 0.2], "stale_timeout_s": 2.0, "ee_pose_timeout_s": 3.0,
+           "max_translation_m": 0.01, "teleop_yield_s": 1.5}
+    assert set(new) == writable, "this test covers every writable parameter"
+    results = node.set_parameters([Parameter(k, value=v) for k, v in new.items()])
+    assert all(r.successful for r in results), [r.reason for r in results]
+    cfg = node.runner.safety.config
+    assert (node.runner.explore, node.obs.instruction, node.obs.limits.max_pixels, node.obs.limits.max_bytes,
+            node.obs.max_instruction_bytes, node.online.teleop.hold_s) == (True, "close the drawer", 1000, 5000, 40, 1.5)
+    assert (cfg.max_translation_m, cfg.max_rotation_rad, cfg.workspace_enabled, cfg.workspace_max,
+            cfg.stale_timeout_s, cfg.ee_pose_timeout_s) == (0.01, 0.05, False, (0.1, 0.1, 0.2), 2.0, 3.0)
+    import torch
+
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    # refused with a reason, nothing changed: a box with min > max, an instruction over the limit
+    bad = node.set_parameters_atomically([Parameter("workspace_min_xyz", value=[0.5, 0.0, 0.0]),
+                                          Parameter("workspace_enabled", value=True)])
+    assert not bad.successful and "workspace_min" in bad.reason
+    assert not node.set_parameters([Parameter("default_instruction", value="y" * 41)])[0].successful
+    assert node.runner.safety.config.workspace_enabled is False
+    # ~/explore goes through the parameter, so the two never disagree
+    assert ros.call(SetBool, "/policy_node/explore", SetBool.Request(data=False)).success
+    assert node.get_parameter("explore").value is False and node.runner.explore is False
+
+
 def _ns(msg) -> int:
     return msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
 
