@@ -3,7 +3,7 @@
 sim_node (Metaworld) + teleop_node (scripted expert) -> recorder_node: teleop demonstrations;
 policy_node (tiny VLA, exploring) -> recorder_node: policy episodes with log_prob/value and rewards
 from reward_node (sim backend); trainer_node ~/run_iteration -> `python -m ire_vla_ros.cli train
-offline` in a child process (Stage 1 PPO on the policy episodes + Stage 2 SFT, tiny budgets) ->
+offline` in a child process (Stage 1 SACfD on the policy episodes + Stage 2 SFT, tiny budgets) ->
 new checkpoint -> /policy_node/reload (same node, no restart) -> more policy episodes recorded.
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,12 @@ TASK = "button-press-topdown-v3"
 RATE = 10.0
 TINY_TRAINING = ["--set", "sft.steps=10", "--set", "sft.batch_size=8", "--set", "ppo.update_epochs=1",
                  "--set", "ppo.minibatch_size=16", "--set", "ppo.critic_warmup_rollouts=1",
-                 "--set", "torch_threads=1"]
+                 "--set", "torch_threads=1",
+                 # Stage 1 is SACfD by default (issue 7 item 5): tiny budgets for it too
+                 "--set", "sac.critic_pretrain_steps=2", "--set", "sac.distill_steps=2", "--set", "sac.batch_size=16",
+                 "--set", "sac.num_critics=2", "--set", "sac.critic_hidden=16", "--set", "sac.utd=2",
+                 "--set", "sac.buffer_bytes=1000000", "--set", "sac.demo_buffer_bytes=1000000",
+                 "--set", "sac.offline_updates=20"]
 
 
 class Loop:
@@ -95,8 +101,12 @@ class Loop:
             assert node.set_parameters([Parameter("action_topic", value=topic)])[0].successful
         assert self.reward.set_parameters([Parameter("max_episode_steps", value=max_steps)])[0].successful
         assert self.recorder.set_parameters([Parameter("source", value=source)])[0].successful
-        assert self.call(SetBool, "/teleop_node/enable", SetBool.Request(data=source == "teleop")).success
-        assert self.call(SetBool, "/policy_node/enable", SetBool.Request(data=source != "teleop")).success
+        # the one that stops first: disabling the policy pauses Servo (its stop path); enabling either
+        # one unpauses it
+        first, second = (("policy_node", False), ("teleop_node", True)) if source == "teleop" else \
+            (("teleop_node", False), ("policy_node", True))
+        for node, on in (first, second):
+            assert self.call(SetBool, f"/{node}/enable", SetBool.Request(data=on)).success
         paths = []
         for _ in range(n):
             before = len(self.saved)
@@ -174,7 +184,7 @@ def test_closed_loop_demo_rollout_train_reload_rollout(loop):
     assert new_ckpt != loop.ckpt0 and s["checkpoint"] == str(new_ckpt)
     assert read_metadata(new_ckpt)["iteration"] == 1
     # the same policy node now runs the new checkpoint (no restart)
-    assert loop.policy._checkpoint_path.resolve() == new_ckpt.resolve()
+    wait_for(lambda: Path(loop.policy.runner.checkpoint).resolve() == new_ckpt.resolve(), 30, "policy on the new checkpoint")
 
     # 4) the improved policy drives again; its episodes carry the next iteration's data
     loop.recorder.set_parameters([Parameter("iteration", value=1)])

@@ -217,7 +217,7 @@ def test_teleop_yield_ignores_idle_operator_messages():
 TASK = "button-press-topdown-v3"
 TINY_TRAINING = ["--set", "sft.steps=10", "--set", "sft.batch_size=8", "--set", "ppo.update_epochs=1",
                  "--set", "ppo.minibatch_size=16", "--set", "ppo.critic_warmup_rollouts=1",
-                 "--set", "torch_threads=1", *[x for s in FAST for x in ("--set", s)]]
+                 "--set", "torch_threads=1", "--set", "sac.offline_updates=20", *[x for s in FAST for x in ("--set", s)]]
 
 
 def _node_classes():
