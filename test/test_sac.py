@@ -285,6 +285,21 @@ def test_updates_move_the_head_and_critic_but_never_the_backbone():
     assert any(not torch.equal(p, t) for p, t in zip(learner.target_critic.parameters(), target))
 
 
+def test_frozen_actor_pool_stays_as_stage0_left_it():
+    learner = _learner(actor_train_pool=False)
+    replay = LatentReplay(1 << 22, 24, 64, 9, 2, tag="t")
+    replay.add(**_transitions(32, tokens=24, width=64, S=9, A=2, reward=1.0, done=1.0), tag="t")
+    actor = learner.policy.actor
+    pool = [p.detach().clone() for p in actor.pool.parameters()]
+    mlp = [p.detach().clone() for p in actor.mlp.parameters()]
+    learner.train(replay, replay, 6)
+    assert all(torch.equal(p, q) for p, q in zip(actor.pool.parameters(), pool))
+    assert any(not torch.equal(p, q) for p, q in zip(actor.mlp.parameters(), mlp))
+    assert all(p.grad is None for p in actor.pool.parameters())  # no backward through it at all
+    learner.policy.unfreeze_lora()  # Stage 2 trains the whole head again
+    assert all(p.requires_grad for p in actor.parameters())
+
+
 def test_distilled_tanh_head_acts_like_the_clip_head():
     policy = make_tiny_policy()
     with torch.no_grad():  # a head whose actions reach past the bounds, as Metaworld experts' do

@@ -56,6 +56,9 @@ class SACConfig:
     critic_hidden: int = 256
     critic_pool_init: str = "actor"  # "actor": start the critic's token learner from the actor's; "random"
     lr_actor: float = 3e-4
+    # False: Stage 1 trains the actor's MLP and noise only; its token learner (the pooling of the
+    # frozen latents, fitted with augmentation in Stage 0) stays as Stage 0 left it.
+    actor_train_pool: bool = True
     lr_critic: float = 3e-4
     lr_temperature: float = 3e-4
     init_temperature: float = 0.01  # SERL / HIL-SERL
@@ -441,6 +444,12 @@ def actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig, bc_weight: fl
                                  "bc_reg": reg.item(), "bc_weight": bc_weight}
 
 
+def pre_squash(policy: VLAPolicy, a_n: torch.Tensor, limit: float = 3.0) -> torch.Tensor:
+    """Normalized action -> the tanh head's pre-squash value, capped at +-limit (a bound maps to 3)."""
+    c, h = policy.squash_box()
+    return torch.atanh(((a_n - c) / h).clamp(-math.tanh(limit), math.tanh(limit)))
+
+
 def awac_actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """AWAC (Nair et al. 2020) on the deterministic action: weighted MSE onto the stored actions.
 
@@ -460,7 +469,10 @@ def awac_actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig) -> tuple
         q_pi = learner.critic.q(pooled, batch["state"], a_pi).mean(0)
         adv = q_data - q_pi
         weight = torch.exp(adv / cfg.awac_beta).clamp(max=cfg.awac_max_weight)
-    err = (policy.deterministic_action(head_out) - batch["action"]).pow(2).sum(-1)
+    # In the pre-squash space: the head's Gaussian mean regressed onto atanh of the executed action
+    # is the weighted maximum likelihood of those actions. (Regressing tanh(mean) onto noisy
+    # squashed samples would shrink saturated actions toward the centre: measured, a slower arm.)
+    err = (head_out - pre_squash(policy, batch["action"])).pow(2).sum(-1)
     loss = (weight * err).mean()
     return loss, logp, {"actor_loss": loss.item(), "q_pi": q_pi.mean().item(), "adv_mean": adv.mean().item(),
                         "awac_weight_mean": weight.mean().item(), "bc_reg": err.mean().item(), "logp": logp.mean().item()}
@@ -494,7 +506,10 @@ class SACLearner:
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=self.device, requires_grad=True)
         self.target_entropy = cfg.resolved_target_entropy(pc.action_spec.dim)
-        self.actor_opt = torch.optim.Adam(policy.head_parameters(), lr=cfg.lr_actor)
+        policy.actor.requires_grad_(True)
+        if not cfg.actor_train_pool:  # no gradient, no backward through it (SFT's unfreeze_lora restores it)
+            policy.actor.pool.requires_grad_(False)
+        self.actor_opt = torch.optim.Adam([p for p in policy.head_parameters() if p.requires_grad], lr=cfg.lr_actor)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr_temperature)
         self.critic_updates = 0
@@ -523,7 +538,7 @@ class SACLearner:
             loss, logp, s = actor_loss(self, batch, cfg, self.bc_weight())
             self.actor_opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(self.policy.head_parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(self.actor_opt.param_groups[0]["params"], cfg.grad_clip)
             self.actor_opt.step()
             a_loss = temperature_loss(self.log_alpha, logp, self.target_entropy)
             self.alpha_opt.zero_grad(set_to_none=True)

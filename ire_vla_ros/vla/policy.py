@@ -165,7 +165,8 @@ class VLAPolicy(nn.Module):
         self.backbone.eval()
 
     def unfreeze_lora(self) -> None:
-        """Stage 0/2: LoRA weights train, the base VLM weights stay fixed."""
+        """Stage 0/2: LoRA weights and the whole action head train, the base VLM weights stay fixed."""
+        self.actor.requires_grad_(True)  # Stage 1 may have frozen the head's token learner
         self.backbone.requires_grad_(False)
         for p in self.lora_parameters():
             p.requires_grad_(True)
