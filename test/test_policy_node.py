@@ -431,6 +431,27 @@ def test_reload_answers_at_once_swaps_model_failed_load_keeps_old(make_rig, ckpt
     np.testing.assert_allclose(a, BIG, atol=1e-3)
 
 
+def test_dropped_action_stops_the_arm(make_rig, ckpts, tmp_path, ros):
+    """A running arm whose next action is dropped (NaN) gets stop(): a zero twist, not the last twist."""
+    from ire_vla_ros.vla.checkpoint import save_checkpoint
+
+    root = tmp_path / "live"
+    save_checkpoint(_big_policy(), root, stage="rl", iteration=0, name="it0")
+    rig = make_rig(root)
+    rig.enable()
+    rig.wait_commands(3)
+    nan = _big_policy()
+    nan.set_normalization(np.full(4, np.nan), np.ones(4), np.zeros(len(JOINTS)), np.ones(len(JOINTS)))
+    save_checkpoint(nan, root, stage="rl", iteration=1, name="it1")
+    assert ros.call(Trigger, "/policy_node/reload").success
+    rig.wait_for(lambda: rig.node.stats().get("stop_nan_action", 0) == 1, what="stop on the dropped action")
+    assert rig.quiet_while("dropped_nan_actions")
+    with rig.robot.lock:
+        last = rig.robot.twists[-1].twist.linear
+    assert (last.x, last.y, last.z) == (0.0, 0.0, 0.0)
+    assert rig.node.stats()["stop_nan_action"] == 1      # once per transition, not every tick
+
+
 def _big_policy():
     from ire_vla_ros.vla.testing import make_tiny_policy
 
