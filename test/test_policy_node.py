@@ -399,6 +399,7 @@ def test_reload_answers_at_once_swaps_model_failed_load_keeps_old(make_rig, ckpt
     from ire_vla_ros.vla.testing import make_tiny_policy
 
     root = tmp_path / "live"
+    params_in_force = ros.collect(String, "/policy_node/params_in_force", LATCHED_QOS)
     first = save_checkpoint(make_tiny_policy(joint_names=JOINTS), root, stage="sft", iteration=0, name="it0")
     rig = make_rig(root)
     assert rig.node.stats()["checkpoint"] == str(first)
@@ -411,6 +412,8 @@ def test_reload_answers_at_once_swaps_model_failed_load_keeps_old(make_rig, ckpt
     assert resp.success and "accepted" in resp.message, resp.message
     rig.wait_for(lambda: rig.node.stats()["checkpoint"] == str(second), what="model swapped")
     assert rig.node.stats()["reloads_ok"] == 1
+    rig.wait_for(lambda: params_in_force and json.loads(params_in_force[-1].data)["checkpoint_loaded"] == str(second),
+                 what="params_in_force names the new checkpoint")
     rig.robot.clear()
     rig.wait_for(lambda: rig.robot.n_actions() >= 2, what="actions from the new model")
     with rig.robot.lock:

@@ -271,7 +271,7 @@ class PolicyNode(Node):
 
     def _publish_params(self) -> None:
         values = params_as_dict(self, PARAMS)
-        values["checkpoint_loaded"] = str(self.runner.checkpoint)
+        values["checkpoint_loaded"] = self._published_ckpt = str(self.runner.checkpoint)
         self._params_pub.publish(String(data=json.dumps(values, sort_keys=True)))
 
     # ======================================================================== callbacks: store only
@@ -396,6 +396,8 @@ class PolicyNode(Node):
                         self._send(out.command)
                     elif self._moving and out.reason != "disabled":
                         self._stop_motion(out.reason)
+                if str(runner.checkpoint) != self._published_ckpt:  # a reload swapped the model in
+                    self._publish_params()
                 if out.command is None and out.reason not in ("disabled", "estop", "estop_lost"):
                     log.warning(f"no command: {out.detail or out.reason}", throttle_duration_sec=2.0)
             except Exception as exc:  # noqa: BLE001 - the loop must outlive any single failure
