@@ -151,6 +151,7 @@ def run_config(args, ckpt: Path, trigger: str, compressed: str, transport: str, 
         time.sleep(2.0)  # settle
         listen.reset()
         t0, cpu0 = time.monotonic(), _proc_cpu_s(policy_proc.pid)
+        frames0 = (int(listen.diag().get("frames", "0")), time.monotonic())
         time.sleep(args.seconds)
         t1 = time.monotonic()
         cpu_pct = 100.0 * (_proc_cpu_s(policy_proc.pid) - cpu0) / (t1 - t0)
@@ -158,6 +159,7 @@ def run_config(args, ckpt: Path, trigger: str, compressed: str, transport: str, 
         action_lat = listen.action_latency_ms()
         time.sleep(1.5)  # one more /diagnostics
         diag = listen.diag()
+        frames_per_s = (int(diag.get("frames", "0")) - frames0[0]) / (time.monotonic() - frames0[1])
 
         # reloads: gaps between commands while the checkpoint loads again
         reload_gaps = []
@@ -204,7 +206,7 @@ def run_config(args, ckpt: Path, trigger: str, compressed: str, transport: str, 
         "inference_ms_mean": f("inference_ms_mean"), "decode_ms_mean": f("decode_ms_mean"),
         "image_stamp_to_node_receive_ms_mean": f("image_delay_ms_mean"),
         "image_age_at_step_ms_mean": f("image_age_at_tick_ms_mean"),
-        "frames_received": diag.get("frames"), "stale_skips": diag.get("stale_skips"),
+        "frames_received_per_s": frames_per_s, "stale_skips": diag.get("stale_skips"),
         "image_reliability": diag.get("image_reliability"), "node_cpu_percent": cpu_pct,
         "reloads": reload_gaps,
         "reload_longest_gap_in_control_periods": worst_reload / period_ms if worst_reload else None,
