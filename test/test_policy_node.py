@@ -217,8 +217,9 @@ def test_commands_only_after_enable(make_rig, ckpts):
     rig = make_rig(ckpts["base"])
     rig.robot.instr.publish(String(data="push the puck to the goal"))
     rig.wait_for(lambda: rig.node.stats()["instruction"] == "push the puck to the goal", what="instruction")
+    rig.enable(False)   # disabling an idle policy sends no stop (it would pause Servo under a teleoperator)
     assert rig.quiet_while("disabled"), "commands before ~/enable"
-    assert rig.robot.moving_twists() == [] and rig.node.stats()["commands_sent"] == 0
+    assert rig.robot.twists == [] and rig.node.stats()["commands_sent"] == 0 and rig.node.stats()["stops"] == 0
 
     rig.enable()
     rig.wait_commands(5)

@@ -344,10 +344,10 @@ class PolicyNode(Node):
 
     # ======================================================================== services
     def _srv_enable(self, req: SetBool.Request, resp: SetBool.Response):
-        self.runner.enabled = bool(req.data)
+        was_enabled, self.runner.enabled = self.runner.enabled, bool(req.data)
         if req.data:
             self.backend.activate()
-        else:
+        elif was_enabled:  # a disable of an idle policy must not pause Servo under a teleoperator
             self._stop_motion("disabled")
         resp.success = True
         resp.message = ("enabled" if req.data else "disabled") + (
