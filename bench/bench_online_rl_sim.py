@@ -15,7 +15,8 @@ per episode, machine load. bench/results/<name>.json + .png.
 Full run (the lead, quiet machine, ~35 min on 2 cores):
   python bench/bench_online_rl_sim.py --minutes 30 --demos 20
 Smoke (~2 min): python bench/bench_online_rl_sim.py --minutes 0.5 --demos 2 --max-steps 20 --window 2 \\
-      --learner-set sac.critic_pretrain_steps=5 --learner-set sac.distill_steps=5 --name online_rl_sim_smoke
+      --learner-set sac.critic_pretrain_steps=5 --learner-set sac.distill_steps=5 --name online_rl_sim_smoke \\
+      [--stage2 --train-set sft.steps=10 --train-set sac.offline_updates=20 --train-set sac.critic_pretrain_steps=5]
 """
 from __future__ import annotations
 
@@ -105,7 +106,8 @@ class Rig:
         self.trainer = self.add(TrainerNode, episodes_dir=str(episodes), checkpoints_dir=str(ckpts), device="cpu",
                                 online_learner_args=learner_args, online_snapshot_every_s=args.snapshot_every_s,
                                 online_snapshot_every_episodes=args.snapshot_every_episodes,
-                                online_stage2_on_stop=args.stage2, online_stop_timeout_s=120.0)
+                                online_stage2_on_stop=args.stage2, online_stop_timeout_s=120.0,
+                                **({"extra_args": [x for s in args.train_set for x in ("--set", s)]} if args.train_set else {}))
         self.saved, self.status = [], []
         self.probe.create_subscription(String, "/recorder_node/episode_saved", self.saved.append, RELIABLE_QOS)
         self.probe.create_subscription(String, "/trainer_node/status", self.status.append, LATCHED_QOS)
@@ -181,7 +183,7 @@ def rate(xs) -> float | None:
     return round(sum(xs) / len(xs), 3) if xs else None
 
 
-def plot(path: Path, rows: list[dict], window: int) -> None:
+def plot(path: Path, rows: list[dict], window: int, task: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,7 +203,7 @@ def plot(path: Path, rows: list[dict], window: int) -> None:
     ax2.set_ylabel("head version")
     ax.set_ylim(-0.05, 1.05)
     ax.legend(loc="upper left")
-    ax.set_title("online SACfD through ROS 2, sim (button-press-topdown-v3)")
+    ax.set_title(f"online SACfD through ROS 2, sim ({task})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -221,6 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--learner-set", action="append", default=[], metavar="KEY=VALUE",
                     help="learner config override, e.g. sac.utd=2 (repeatable)")
     ap.add_argument("--stage2", action="store_true", help="after stopping: offline iteration + reload (timed)")
+    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="offline iteration (--stage2) config override, e.g. sac.offline_updates=500 (repeatable)")
     ap.add_argument("--work", type=Path, help="working directory (default: a temp dir, removed)")
     ap.add_argument("--domain", type=int, default=int(os.environ.get("ROS_DOMAIN_ID", "77")))
     ap.add_argument("--name", default="online_rl_sim")
@@ -305,7 +309,7 @@ def main(argv=None) -> int:
             "loadavg_at_end": os.getloadavg()[0], "rows": rows, "checkpoint": str(ckpt0),
         })
         RESULTS.mkdir(parents=True, exist_ok=True)
-        plot(RESULTS / f"{args.name}.png", rows, w)
+        plot(RESULTS / f"{args.name}.png", rows, w, args.task)
         result["png"] = str(RESULTS / f"{args.name}.png")
         write_result(args.name, result)
     finally:
