@@ -39,31 +39,6 @@ SIM_POLICY = {"command_frame": "world", "workspace_enabled": False, "servo_switc
               "max_translation_m": 0.035}  # = bringup MODE_OVERRIDES["sim"]["policy_node"]
 
 
-def policy_node_class():
-    from ire_vla_ros.nodes import online_rl, policy_node
-    from ire_vla_ros.nodes.ros_common import declare_params
-
-    if "teleop_yield_s" in policy_node.PARAMS:
-        return policy_node.PolicyNode
-
-    class HookedPolicy(policy_node.PolicyNode):  # until policy_node carries the hooks itself
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            self.online = online_rl.PolicyOnlineHooks(self, declare_params(self, online_rl.POLICY_PARAMS),
-                                                      self.runner, self._checkpoint_root)
-
-        def _send(self, cmd):
-            if not self.online.yielding():
-                super()._send(cmd)
-                self.online.on_command(cmd.image_stamp)
-
-        def destroy_node(self):
-            self.online.close()
-            return super().destroy_node()
-
-    return HookedPolicy
-
-
 class Rig:
     """The nodes on one SingleThreadedExecutor in a thread, plus a probe node."""
 
@@ -75,6 +50,7 @@ class Rig:
         from rclpy.parameter import Parameter
         from std_msgs.msg import String
 
+        from ire_vla_ros.nodes.policy_node import PolicyNode
         from ire_vla_ros.nodes.recorder_node import RecorderNode
         from ire_vla_ros.nodes.reward_node import RewardNode
         from ire_vla_ros.nodes.ros_common import LATCHED_QOS, RELIABLE_QOS
@@ -93,7 +69,7 @@ class Rig:
         self.sim = self.add(SimNode, task=args.task, rate_hz=args.rate, seed=args.seed, action_repeat=2)
         self.teleop = self.add(TeleopNode, mode="scripted_expert", action_spec="metaworld_4d", rate_hz=args.rate,
                                frame_id="world", enabled=False, servo_switch_service="")
-        self.policy = self.add(policy_node_class(), checkpoint=str(ckpts), device="cpu", torch_num_threads=1,
+        self.policy = self.add(PolicyNode, checkpoint=str(ckpts), device="cpu", torch_num_threads=1,
                                control_rate_hz=args.rate, prefer_cv_bridge=False, **SIM_POLICY)
         self.reward = self.add(RewardNode, backend="sim", max_episode_steps=args.max_steps,
                                action_topic="/teleop_node/action")

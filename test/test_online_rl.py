@@ -219,53 +219,21 @@ TINY_TRAINING = ["--set", "sft.steps=10", "--set", "sft.batch_size=8", "--set", 
                  "--set", "torch_threads=1", "--set", "sac.offline_updates=20", *[x for s in FAST for x in ("--set", s)]]
 
 
-def _node_classes():
-    """trainer_node / policy_node with the online-RL hooks (see ire_vla_ros/nodes/online_rl.py)."""
-    from std_srvs.srv import Trigger
-
-    from ire_vla_ros.nodes import online_rl
-    from ire_vla_ros.nodes.policy_node import PolicyNode
-    from ire_vla_ros.nodes.ros_common import declare_params
-    from ire_vla_ros.nodes.trainer_node import TrainerNode
-
-    assert "online_checkpoint" in TrainerNode.PARAMS
-    if "teleop_yield_s" in __import__("ire_vla_ros.nodes.policy_node", fromlist=["PARAMS"]).PARAMS:
-        return PolicyNode, TrainerNode
-
-    # INTERIM (until the owners' files take the hooks): the same few lines, as subclasses
-    class HookedPolicy(PolicyNode):
-        def __init__(self, **kw):
-            super().__init__(**kw)
-            p = declare_params(self, online_rl.POLICY_PARAMS)
-            self.online = online_rl.PolicyOnlineHooks(self, p, self.runner, self._checkpoint_root)
-
-        def _send(self, cmd):
-            if self.online.yielding():
-                return
-            super()._send(cmd)
-            self.online.on_command(cmd.image_stamp)
-
-        def destroy_node(self):
-            self.online.close()
-            return super().destroy_node()
-
-    return HookedPolicy, TrainerNode
-
-
 def test_online_rl_through_ros_episodes_heads_interventions_stop_reload(ros, tmp_path):
     from sensor_msgs.msg import JointState
     from std_msgs.msg import String
     from std_srvs.srv import SetBool, Trigger
 
     from ire_vla_ros.episodes.store import read_episode
+    from ire_vla_ros.nodes.policy_node import PolicyNode
     from ire_vla_ros.nodes.recorder_node import RecorderNode
     from ire_vla_ros.nodes.reward_node import RewardNode
     from ire_vla_ros.nodes.ros_common import LATCHED_QOS
     from ire_vla_ros.nodes.sim_node import SimNode
     from ire_vla_ros.nodes.teleop_node import TeleopNode
+    from ire_vla_ros.nodes.trainer_node import TrainerNode
     from ire_vla_ros.vla.checkpoint import resolve_checkpoint
 
-    PolicyNode, TrainerNode = _node_classes()
     episodes, root = tmp_path / "episodes", tmp_path / "ckpts"
     ckpt0 = make_tiny_checkpoint(root)
     for k in range(2):  # the demo buffer's demonstrations (recording them is test_closed_loop_sim's part)
