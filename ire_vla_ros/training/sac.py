@@ -391,14 +391,15 @@ def critic_loss(learner: "SACLearner", batch: dict, cfg: SACConfig) -> tuple[tor
         dist = policy.distribution(batch["next_hidden"], batch["next_mask"], batch["next_state"])
         next_action, next_logp = policy.squashed_sample(dist)
         members = torch.randperm(cfg.num_critics, generator=learner.gen)[: cfg.target_critics].to(next_action.device)
-        q_next = target(batch["next_hidden"], batch["next_mask"], batch["next_state"], next_action)[members].min(0).values
+        q_next = target(batch["next_hidden"], batch["next_mask"], batch["next_state"],
+                        unit_action(policy, next_action))[members].min(0).values
         if cfg.backup_entropy:
             q_next = q_next - learner.alpha * next_logp
         td_target = batch["reward"] + cfg.gamma * (1.0 - batch["done"]) * q_next
         if cfg.mc_lower_bound:
             td_target = torch.maximum(td_target, batch["mc_return"])  # -inf where unknown
     pooled = critic.pool(batch["hidden"], batch["mask"])
-    q = critic.q(pooled, batch["state"], batch["action"])  # (E, B)
+    q = critic.q(pooled, batch["state"], unit_action(policy, batch["action"]))  # (E, B)
     loss = 0.5 * (q - td_target.unsqueeze(0)).pow(2).mean(1).sum()
     batch["critic_pooled"] = pooled.detach()  # the actor's Q term reuses it (no gradient to the critic)
     return loss, {"critic_loss": loss.item() / cfg.num_critics, "q_mean": q.mean().item(),
@@ -426,13 +427,12 @@ def actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig, bc_weight: fl
     if pooled is None:
         with torch.no_grad():
             pooled = learner.critic.pool(batch["hidden"], batch["mask"])
-    q = learner.critic.q(pooled, batch["state"], action).mean(0)
+    q = learner.critic.q(pooled, batch["state"], unit_action(policy, action)).mean(0)
     sac_term = learner.alpha * logp - q
     q_scale = q.abs().mean().detach().clamp(min=1e-2) if cfg.normalize_actor_q else torch.ones(())
     loss = sac_term.mean() / q_scale
     reg = torch.zeros(())
     if bc_weight > 0:
-        det = policy.deterministic_action(head_out)
         demo = batch["is_demo"]
         if cfg.online_bc == "success":
             target, weight = batch["action"], (demo | (batch["success"] > 0)).float()
@@ -442,10 +442,18 @@ def actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig, bc_weight: fl
             target, weight = batch["action"], demo.float()
         else:
             raise ValueError(f"sac.online_bc must be 'success', 'behaviour' or 'none', got {cfg.online_bc!r}")
-        reg = ((det - target).pow(2).sum(-1) * weight).mean()
+        # In the pre-squash space, like AWAC: well conditioned even where the normalized box is
+        # lopsided (a gripper the expert barely moves has std ~0.05 -> box [-35, 0.7]).
+        reg = ((head_out - pre_squash(policy, target)).pow(2).sum(-1) * weight).mean()
         loss = loss + bc_weight * reg
     return loss, logp.detach(), {"actor_loss": loss.item(), "q_pi": q.mean().item(), "logp": logp.mean().item(),
                                  "bc_reg": reg.item(), "bc_weight": bc_weight}
+
+
+def unit_action(policy: VLAPolicy, a_n: torch.Tensor) -> torch.Tensor:
+    """Normalized action -> the unit box [-1, 1] (what the critic sees: well scaled in every dimension)."""
+    c, h = policy.squash_box()
+    return (a_n - c) / h
 
 
 def pre_squash(policy: VLAPolicy, a_n: torch.Tensor, limit: float = 3.0) -> torch.Tensor:
@@ -469,8 +477,8 @@ def awac_actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig) -> tuple
         pooled = batch.get("critic_pooled")
         if pooled is None:
             pooled = learner.critic.pool(batch["hidden"], batch["mask"])
-        q_data = learner.critic.q(pooled, batch["state"], batch["action"]).mean(0)
-        q_pi = learner.critic.q(pooled, batch["state"], a_pi).mean(0)
+        q_data = learner.critic.q(pooled, batch["state"], unit_action(policy, batch["action"])).mean(0)
+        q_pi = learner.critic.q(pooled, batch["state"], unit_action(policy, a_pi)).mean(0)
         adv = q_data - q_pi
         weight = torch.exp(adv / cfg.awac_beta).clamp(max=cfg.awac_max_weight)
     # In the pre-squash space: the head's Gaussian mean regressed onto atanh of the executed action
@@ -597,9 +605,9 @@ def distill_to_tanh(policy: VLAPolicy, replays: list[LatentReplay], steps: int, 
     for step in range(steps):
         b = pools[step % len(pools)].sample(batch_size, gen, policy.device)
         with torch.no_grad():
-            target = torch.maximum(torch.minimum(teacher(b["hidden"], b["mask"], b["state"]), high - margin), low + margin)
-        pred = policy.deterministic_action(policy.actor(b["hidden"], b["mask"], b["state"]))
-        loss = nn.functional.mse_loss(pred, target)
+            target = pre_squash(policy, torch.maximum(torch.minimum(teacher(b["hidden"], b["mask"], b["state"]),
+                                                                    high - margin), low + margin))
+        loss = nn.functional.mse_loss(policy.actor(b["hidden"], b["mask"], b["state"]), target)  # pre-squash space
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
