@@ -127,7 +127,8 @@ def test_policy_locks_the_dangerous_interfaces():
         for other in ours:
             assert not _allowed(g[node]["request"], f"/{other}/set_parameters"), (node, other)
     assert _allowed(g["operator"]["request"], "/trainer_node/set_parameters")
-    assert g["trainer_node"]["request"] == ["/policy_node/reload"]
+    # the trainer may only reload the policy and switch its exploration (online RL), nothing else
+    assert sorted(g["trainer_node"]["request"]) == ["/policy_node/explore", "/policy_node/reload"]
 
 
 def _live_interfaces(probe, node: str) -> dict[str, set[str]]:
