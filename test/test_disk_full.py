@@ -252,3 +252,89 @@ def test_recorder_node_disk_full_aborts_episode_node_stays_up(ros, small_disk):
     resp = ros.call(Trigger, "/recorder_node/start_episode")
     assert not resp.success and "disk full" in resp.message
     assert node._writer_proc.alive  # still ready for when space is freed
+
+
+# ---------------------------------------------------------------------------------------------
+# the frame ring (shared memory between the writer's parent and child sides)
+# ---------------------------------------------------------------------------------------------
+def _ring_mappings(pid="self") -> list[int]:
+    """Sizes of the writer's frame-ring mappings in a process (an anonymous memfd: no /dev/shm name)."""
+    sizes = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if "memfd:ire_vla_writer_ring" in line:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            sizes.append(end - start)
+    return sizes
+
+
+def test_frame_ring_carries_every_step_exactly_and_grows_for_larger_frames(tmp_path):
+    """Steps pass through a few shared slots many times over (two cameras of different sizes in
+    one slot); every image reads back bit-exact; a later episode with larger frames gets a larger
+    ring, and the old one is unmapped."""
+    from ire_vla_ros.episodes.safe_writer import _RING_SLOTS
+
+    rng = np.random.default_rng(7)
+    meta = {**META, "camera_names": ("main", "wrist")}
+    with WriterProcess() as proc:
+        written = {}
+        for shape_main, steps in (((48, 64, 3), 4 * _RING_SLOTS + 3), ((96, 128, 3), 2 * _RING_SLOTS + 1)):
+            frames = [(rng.integers(0, 255, shape_main, dtype=np.uint8), rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
+                      for _ in range(steps)]
+            w = proc.open(tmp_path, meta)
+            for i, (main, wrist) in enumerate(frames):
+                w.append(images={"main": main, "wrist": wrist}, joint_positions=[0.0, i], action=[0, 0, 0, 1],
+                         reward=0.0, timestamp=float(i))
+            # positive control: the images went through the ring, mapped once in each process
+            slot_bytes = frames[0][0].nbytes + frames[0][1].nbytes
+            for pid in ("self", proc.pid):
+                (size,) = _ring_mappings(pid)
+                assert size >= _RING_SLOTS * slot_bytes
+            written[w.finalize(True)] = frames
+        for path, frames in written.items():
+            ep = read_episode(path)
+            assert ep.n_steps == len(frames)
+            np.testing.assert_array_equal(ep.images["main"], np.stack([m for m, _ in frames]))
+            np.testing.assert_array_equal(ep.images["wrist"], np.stack([r for _, r in frames]))
+            np.testing.assert_array_equal(ep.joint_positions[:, 1], np.arange(len(frames)))
+    assert _ring_mappings() == []
+    assert not [n for n in os.listdir("/dev/shm") if "ire_vla" in n]
+
+
+def test_frame_ring_full_and_child_killed_raises_and_releases_the_ring(tmp_path):
+    """With the child stopped the ring fills and append waits; the child's death ends the wait with
+    the reason (no hang), the ring is unmapped in the parent, and the next episode works on a
+    fresh child with one fresh ring."""
+    import signal as sig
+    import threading
+
+    from ire_vla_ros.episodes.safe_writer import _RING_SLOTS
+
+    rng = np.random.default_rng(11)
+    killed = threading.Event()
+
+    def frame():
+        return {"main": rng.integers(0, 255, FRAME, dtype=np.uint8)}
+
+    with WriterProcess(reply_timeout_s=60.0) as proc:  # a wait blind to the death would end here
+        w = proc.open(tmp_path, META)
+        pid = proc.pid
+        os.kill(pid, sig.SIGSTOP)
+        for i in range(_RING_SLOTS):  # fills the ring: the stopped child consumes nothing
+            w.append(images=frame(), joint_positions=[0.0, i], action=[0, 0, 0, 1], reward=0.0, timestamp=float(i))
+        assert len(_ring_mappings()) == 1
+
+        def kill_later():
+            time.sleep(1.0)
+            killed.set()
+            os.kill(pid, sig.SIGKILL)
+
+        threading.Thread(target=kill_later, daemon=True).start()
+        with pytest.raises(EpisodeWriteError, match="SIGKILL"):
+            w.append(images=frame(), joint_positions=[0.0, 9], action=[0, 0, 0, 1], reward=0.0, timestamp=9.0)
+        assert killed.is_set()  # the append waited for a slot until the child died
+        assert not w.partial_path.exists()
+        assert _ring_mappings() == []  # released with the dead child
+        path = _episode(proc, tmp_path, _RING_SLOTS + 2, rng)
+        assert proc.pid != pid and len(_ring_mappings()) == 1 and len(_ring_mappings(proc.pid)) == 1
+    assert read_episode(path).n_steps == _RING_SLOTS + 2
+    assert _ring_mappings() == []

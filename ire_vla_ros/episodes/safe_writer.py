@@ -17,7 +17,16 @@ recorder node would have died with it. Here every h5py handle lives in a child p
 
 Finished episodes are never touched: they were renamed into place (fsynced) before the next began.
 
-Messages are JSON headers plus raw image bytes over a private socketpair (no pickle).
+Messages are small JSON headers over a private socketpair (no pickle). The images travel through
+a ring of frame slots in shared memory (`_FrameRing`): the parent copies a step's images into a
+free slot once, the child hands a numpy view of the slot straight to h5py and then counts the slot
+free. Sending the images through the socket instead (what this module did first, still the
+fallback where memfd_create is missing) copies each frame into and out of the kernel in socket-
+buffer pieces; measured on 640x480 rgb8 frames (2 loaded cores) the ring saves the child about
+0.2 ms of its 2.5-2.9 ms CPU per step. What is left is h5py's: the image chunk (lzf, fletcher32)
+as in a bare h5py loop, plus EpisodeWriter's six small per-step datasets (about 0.5 ms). The ring
+is an anonymous memfd passed to the child with SCM_RIGHTS: it has no name under /dev/shm, so
+nothing can leak when either process dies; its memory goes with the last mapping.
 
     proc = WriterProcess(min_free_mb=100)
     w = proc.open(root, dict(instruction=..., task=..., source=..., action_spec=..., joint_names=...))
@@ -28,6 +37,7 @@ Messages are JSON headers plus raw image bytes over a private socketpair (no pic
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import signal
 import socket
@@ -46,6 +56,10 @@ from ire_vla_ros.vla.action_spec import ActionSpec
 __all__ = ["EpisodeWriteError", "WriterProcess", "ProcessEpisodeWriter"]
 
 _FAULT_EXIT = 75  # the child's exit status after a filesystem fault (EX_TEMPFAIL)
+_RING_SLOTS = 6  # steps in flight between parent and child (slack for the child's slower steps)
+_RING_MAX_BYTES = 64 * 1024 * 1024  # fewer slots (at least 2) for very large steps
+_RING_HEAD = 64  # bytes before the first slot: the child's count of consumed steps (int64)
+_RING_NAME = "ire_vla_writer_ring"  # the memfd's name, as /proc/<pid>/maps shows it
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
@@ -61,6 +75,43 @@ def _send(conn: Connection, header: dict, blobs: tuple = ()) -> None:
 
 def _recv(conn: Connection) -> dict:
     return json.loads(conn.recv_bytes().decode())
+
+
+class _FrameRing:
+    """Frame slots in shared memory (an anonymous memfd) between the parent and the child.
+
+    Step number k uses slot k % slots. The parent writes a slot only once the child has counted
+    the step that used it before as consumed (`consumed`, an int64 in the ring's head that only
+    the child writes; aligned 8-byte stores are atomic on the platforms ROS 2 runs on); the child
+    counts a step consumed once h5py has taken its data. The memory is bounded: slots x the first
+    step's image bytes.
+    """
+
+    def __init__(self, fd: int, slots: int, slot_bytes: int):
+        self.slots, self.slot_bytes = int(slots), int(slot_bytes)
+        self._mm = mmap.mmap(fd, _RING_HEAD + self.slots * self.slot_bytes)
+        self.consumed = np.ndarray((1,), np.int64, buffer=self._mm, offset=0)
+        self.data = np.ndarray((self.slots, self.slot_bytes), np.uint8, buffer=self._mm, offset=_RING_HEAD)
+        self.produced = 0  # parent side: steps written into the ring
+
+    @classmethod
+    def create(cls, step_bytes: int) -> tuple["_FrameRing", int]:
+        """A new ring for steps of `step_bytes` image bytes, and its fd (the caller closes it)."""
+        slots = max(2, min(_RING_SLOTS, _RING_MAX_BYTES // max(1, step_bytes)))
+        fd = os.memfd_create(_RING_NAME, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, _RING_HEAD + slots * step_bytes)
+            return cls(fd, slots, step_bytes), fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        self.consumed = self.data = None
+        try:
+            self._mm.close()
+        except BufferError:  # a view of it is still alive: the mapping ends with that view
+            pass
 
 
 def _describe_exit(code: int | None) -> str:
@@ -87,6 +138,7 @@ class WriterProcess:
         self.last_exit = ""
         self._proc: subprocess.Popen | None = None
         self._conn: Connection | None = None
+        self._ring: _FrameRing | None = None  # the current child's frame ring (made at its first step)
         self._lock = threading.Lock()
         if start:
             self.ensure_started()
@@ -121,6 +173,9 @@ class WriterProcess:
 
     def _reap(self) -> None:
         proc, self._proc = self._proc, None
+        if self._ring is not None:  # the child's mapping ends with the child
+            self._ring.close()
+            self._ring = None
         if self._conn is not None:
             try:
                 self._conn.close()
@@ -160,6 +215,68 @@ class WriterProcess:
             _send(conn, header, blobs)
         except (OSError, EOFError, ValueError):
             raise EpisodeWriteError(self._death()) from None
+
+    def send_images(self, header: dict, images: Mapping[str, np.ndarray]) -> None:
+        """Send a step: its images through the frame ring (waiting for a free slot while the
+        child is busy), the header through the socket."""
+        nbytes = sum(int(a.nbytes) for a in images.values())
+        ring = self._ring_for(nbytes)
+        if ring is None:  # no shared memory here: the images follow the header on the socket
+            self.send(header, tuple(memoryview(np.ascontiguousarray(a)).cast("B") for a in images.values()))
+            return
+        self._wait_for_slot(ring)
+        slot = ring.produced % ring.slots
+        dst, off = ring.data[slot], 0
+        for a in images.values():
+            np.copyto(dst[off:off + a.nbytes].reshape(a.shape), a)
+            off += a.nbytes
+        self.send({**header, "slot": slot})
+        ring.produced += 1
+
+    def _ring_for(self, nbytes: int) -> "_FrameRing | None":
+        """The child's ring if its slots hold `nbytes`; else a new one, handed to the child (the
+        child switches to it after the steps sent before, so the old one may go at once)."""
+        ring = self._ring
+        if ring is not None and ring.slot_bytes >= nbytes:
+            return ring
+        if not hasattr(os, "memfd_create"):
+            return None
+        conn = self._conn
+        if conn is None or not self.alive:
+            raise EpisodeWriteError(self._death())
+        try:
+            new, fd = _FrameRing.create(nbytes)
+        except OSError:
+            return None  # no memory for a ring now: this step goes through the socket
+        try:
+            _send(conn, {"op": "ring", "slots": new.slots, "slot_bytes": new.slot_bytes})
+            with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+                socket.send_fds(sock, [b"R"], [fd])
+        except (OSError, EOFError, ValueError):
+            new.close()
+            raise EpisodeWriteError(self._death()) from None
+        finally:
+            os.close(fd)  # both mappings keep the memory; no name, no fd left behind
+        if ring is not None:
+            ring.close()
+        self._ring = new
+        return new
+
+    def _wait_for_slot(self, ring: "_FrameRing") -> None:
+        """Until the child has consumed the step that used the next slot before (or died)."""
+        if ring.produced - int(ring.consumed[0]) < ring.slots:
+            return
+        deadline = time.monotonic() + self.reply_timeout_s
+        pause = 0.0005  # growing to 4 ms: the other slots keep the child busy meanwhile
+        while ring.produced - int(ring.consumed[0]) >= ring.slots:
+            if not self.alive:
+                raise EpisodeWriteError(self._death())
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise EpisodeWriteError(f"episode writer process took more than {self.reply_timeout_s:.0f} s "
+                                        f"for one step (killed)")
+            time.sleep(pause)
+            pause = min(0.004, 2 * pause)
 
     def poll_fault(self) -> str | None:
         """A fault the child reported since the last call (non-blocking), else None."""
@@ -315,9 +432,8 @@ class ProcessEpisodeWriter:
                   "joint_positions": step.joint_positions.tolist(), "action": step.action.tolist(),
                   "reward": step.reward, "timestamp": step.timestamp, "log_prob": step.log_prob,
                   "value": step.value, "step_info": step.step_info, "nbytes": step.nbytes}
-        blobs = tuple(memoryview(np.ascontiguousarray(step.images[c])).cast("B") for c in cams)
         try:
-            self._proc.send(header, blobs)
+            self._proc.send_images(header, step.images)
         except EpisodeWriteError as exc:
             self._fail(str(exc))
         self._check.accept(step)
@@ -363,6 +479,8 @@ def _child_main(fd: int) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which closes us
     conn = Connection(fd)
+    sock = socket.socket(fileno=os.dup(fd))  # the same socket, to receive the ring's fd
+    ring: _FrameRing | None = None
     writer: EpisodeWriter | None = None
     root: Path | None = None
     min_free_mb = 0.0
@@ -413,11 +531,33 @@ def _child_main(fd: int) -> int:
                 continue
             _send(conn, {"op": "ok", "name": writer.name, "partial_path": str(writer.partial_path),
                          "final_path": str(writer.final_path)})
+        elif op == "ring":
+            _, fds, _, _ = socket.recv_fds(sock, 1, 1)
+            if len(fds) != 1:
+                die(f"frame ring: expected one file descriptor, got {len(fds)}")
+            if ring is not None:
+                ring.close()
+            try:
+                ring = _FrameRing(fds[0], msg["slots"], msg["slot_bytes"])
+            except (OSError, ValueError) as exc:
+                die(f"frame ring: cannot map {msg['slots']} x {msg['slot_bytes']} bytes: {exc}")
+            finally:
+                os.close(fds[0])
         elif op == "step":
-            blobs = [conn.recv_bytes() for _ in msg["cams"]]
+            slot = msg.get("slot")
+            if slot is None:
+                blobs = [conn.recv_bytes() for _ in msg["cams"]]
+                images = {c: np.frombuffer(b, np.uint8).reshape(s) for c, b, s in zip(msg["cams"], blobs, msg["shapes"])}
+            else:  # views of the slot: h5py reads them directly, the slot is freed once it has
+                images, off, base = {}, 0, ring.data[slot]
+                for c, s in zip(msg["cams"], msg["shapes"]):
+                    n = int(np.prod(s))
+                    images[c] = base[off:off + n].reshape(s)
+                    off += n
             if writer is None:
+                if slot is not None:
+                    ring.consumed[0] += 1
                 continue  # the episode failed: its remaining steps are dropped
-            images = {c: np.frombuffer(b, np.uint8).reshape(s) for c, b, s in zip(msg["cams"], blobs, msg["shapes"])}
             step = ValidStep(images=images, joint_positions=np.asarray(msg["joint_positions"], np.float32),
                              action=np.asarray(msg["action"], np.float32), reward=msg["reward"],
                              timestamp=msg["timestamp"], log_prob=msg["log_prob"], value=msg["value"],
@@ -445,6 +585,8 @@ def _child_main(fd: int) -> int:
                 die(f"{exc} (episode aborted after {writer.n_steps} steps)")
             except Exception as exc:  # OSError from h5py (ENOSPC, EIO), or anything else it raises
                 die(f"write failed: {type(exc).__name__}: {exc}")
+            if slot is not None:
+                ring.consumed[0] += 1  # h5py holds no reference to the slot: the parent may reuse it
             write_s += time.perf_counter() - t0
         elif op == "finalize":
             if writer is None:
