@@ -455,3 +455,29 @@ def test_action_spec_roundtrip_7d(tmp_path):
              reward=0, timestamp=0)
     ep = read_episode(w.finalize(True))
     assert ep.action_spec == spec
+
+
+def test_rows_written_in_blocks_read_back_exactly(tmp_path):
+    """The small per-step rows are buffered and written in blocks of _ROW_CHUNK steps: a length
+    that is not a multiple of the block (two full blocks + a remainder), a flush in the middle,
+    policy scalars and step_info all read back step for step."""
+    from ire_vla_ros.episodes.store import _ROW_CHUNK
+
+    n = 2 * _ROW_CHUNK + 37
+    rng = np.random.default_rng(7)
+    steps = [_step(t, rng, policy=True) for t in range(n)]
+    w = EpisodeWriter(tmp_path, instruction="reach the goal", task="reach", source="rl",
+                      action_spec=METAWORLD_4D, joint_names=JOINTS)
+    for t, st in enumerate(steps):
+        w.append(**st, step_info={"intervention": float(t % 3 == 0)})
+        if t == _ROW_CHUNK + 5:
+            w.flush()  # writes a partial block: the next block must continue right after it
+    ep = read_episode(w.finalize(True))
+    assert len(ep.actions) == n
+    np.testing.assert_array_equal(ep.actions, np.stack([s["action"] for s in steps]))
+    np.testing.assert_array_equal(ep.joint_positions, np.stack([s["joint_positions"] for s in steps]))
+    np.testing.assert_array_equal(ep.rewards, np.array([s["reward"] for s in steps], np.float32))
+    np.testing.assert_array_equal(ep.timestamps, np.array([s["timestamp"] for s in steps]))
+    np.testing.assert_array_equal(ep.log_probs, np.array([s["log_prob"] for s in steps], np.float32))
+    np.testing.assert_array_equal(ep.step_info["intervention"], np.array([t % 3 == 0 for t in range(n)], np.float32))
+    np.testing.assert_array_equal(ep.images["main"][-1], steps[-1]["images"]["main"])
