@@ -113,10 +113,13 @@ def cmd_train_rl(args) -> int:
         from .episodes.store import scan_episodes
 
         if args.demos is None:
-            raise SystemExit("error: --algo sac needs --demos DIR (teleop episodes for the demo buffer; `ire-vla collect` writes them)")
+            print("ire-vla train rl: --algo sac needs --demos DIR (teleop episodes for the demo buffer; "
+                  "`ire-vla collect` writes them)", file=sys.stderr)
+            return 2
         demos = scan_episodes(args.demos, sources=["teleop"]).episodes
         if not demos:
-            raise SystemExit(f"error: no teleop episodes under {args.demos}")
+            print(f"ire-vla train rl: no teleop episodes under {args.demos}", file=sys.stderr)
+            return 2
     policy = load_checkpoint(args.init, device=resolve_device(cfg.device))
     iteration = int(read_metadata(args.init).get("iteration", 0)) + 1
     tasks = args.tasks or cfg.tasks

@@ -70,7 +70,11 @@ def test_collect_train_and_eval_commands_chain(tmp_path, capsys):
     assert main(["collect", "--out", ep, "--episodes", "1", *task, *tiny]) == 0
     assert main(["train", "sft", "--episodes", ep, "--checkpoints", ck, *tiny]) == 0
     assert read_metadata(ck)["iteration"] == 0
-    assert main(["train", "rl", "--init", ck, "--checkpoints", ck, "--episodes", ep, *task, *tiny]) == 0
+    # Stage 1 is SACfD by default: without demonstrations it refuses with one line and exit 2
+    assert main(["train", "rl", "--init", ck, "--checkpoints", ck, "--episodes", ep, *task, *tiny]) == 2
+    assert "--demos" in capsys.readouterr().err
+    assert main(["train", "rl", "--algo", "ppo", "--init", ck, "--checkpoints", ck, "--episodes", ep, *task,
+                 *tiny]) == 0
     assert read_metadata(ck)["stage"] == "rl" and read_metadata(ck)["iteration"] == 1
     assert main(["train", "sft", "--episodes", ep, "--checkpoints", ck, "--init", ck, *tiny]) == 0
     assert read_metadata(ck)["stage"] == "sft" and read_metadata(ck)["iteration"] == 1
