@@ -413,3 +413,33 @@ def test_sim_node_runs_episodes_back_to_back_until_switched_off(ros, tmp_path):
     ticks = sim.ticks
     wait_for(lambda: sim.ticks >= ticks + 40, 60, "sim ticking")  # positive control: 4 s of sim time
     assert len(saved) == 4 and sim.auto_starts == {"requested": 4, "started": 4, "refused": 0}, sim.auto_starts
+
+
+def test_intervention_steps_go_into_both_buffers(tmp_path):
+    """HIL-SERL: a policy episode's intervention steps (step_info/intervention, as the recorder writes
+    them) join the online buffer with the rest and the demo side through the intervention buffer."""
+    episodes = tmp_path / "episodes"
+    for k in range(2):
+        _episode(episodes / "teleop", "teleop", 6, seed=k, success=True)
+    rng = np.random.default_rng(5)
+    w = EpisodeWriter(episodes / "policy", instruction=INSTR, task="button-press-topdown-v3", source="policy",
+                      action_spec=METAWORLD_4D, joint_names=SAWYER_JOINTS)
+    flags = [0, 1, 1, 1, 0, 0, 0]
+    for t, f in enumerate(flags):
+        w.append(images={"main": rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)},
+                 joint_positions=rng.normal(size=9).astype(np.float32), action=rng.uniform(-1, 1, 4).astype(np.float32),
+                 reward=0.0, timestamp=0.1 * t, step_info={"intervention": float(f)})
+    ep = w.finalize(False)
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpts")
+    cmd = learner_command(sys.executable, checkpoint=str(ckpt), episodes=str(episodes), heads=str(tmp_path / "heads"),
+                          snapshot_every_s=3600, snapshot_every_episodes=1, extra=fast_args())
+    s = LearnerSession(cmd, log_path=tmp_path / "online.log", episodes_root=episodes)
+    try:
+        wait_for(lambda: s.status()["state"] in ("ready", "failed"), 300, "learner ready")
+        assert s.feed(str(ep))
+        wait_for(lambda: s.status()["snapshots"] >= 1 or s.done, 300, lambda: f"a head snapshot ({s.status()})")
+        ev = next(e for e in s.take_events() if e["event"] == "episode")
+        # 6 transitions (the failed episode's last step has no next frame), 3 of them the operator's
+        assert ev["transitions"] == 6 and ev["interventions"] == 3 and ev["intervention_transitions"] == 3, ev
+    finally:
+        s.close(5)

@@ -115,7 +115,7 @@ class OnlineLearner:
     """Holds the policy, the SAC learner and both buffers; feeds episodes in, writes snapshots."""
 
     def __init__(self, checkpoint: Path, episodes_root: Path, heads_dir: Path, cfg, *, demos_root: Path | None = None,
-                 keep: int = 5, device: str = "cpu"):
+                 keep: int = 5, device: str = "cpu", intervention_bytes: int = 256 << 20):
         from ..episodes.store import scan_episodes
         from ..vla.checkpoint import load_checkpoint
         from .sac import LatentReplay, bytes_per_transition
@@ -132,6 +132,10 @@ class OnlineLearner:
         self.tag = stats["latent_tag"]
         self.online = LatentReplay(cfg.buffer_bytes, self.demo.tokens, self.demo.width, self.demo.state.shape[1],
                                    self.demo.action.shape[1], self.tag)
+        # HIL-SERL: the operator's intervention steps go into both buffers; they join the demo half
+        # of the batches through their own bounded buffer (the demo buffer is sized to the demos)
+        self.interventions = LatentReplay(intervention_bytes, self.demo.tokens, self.demo.width,
+                                          self.demo.state.shape[1], self.demo.action.shape[1], self.tag)
         assert self.online.bytes_per_transition == bytes_per_transition(
             self.demo.tokens, self.demo.width, self.demo.state.shape[1], self.demo.action.shape[1])
         self.version = max((snapshot_version(p) for p in self.heads_dir.glob("head-*.safetensors")
@@ -161,6 +165,7 @@ class OnlineLearner:
             if list(ep.joint_names) != self.policy.joint_names or ep.action_spec.dim != self.policy.action_spec.dim:
                 raise ValueError("joint names / action dimension differ from the checkpoint's")
             n = add_episode(self.online, self.policy, ep, self.cfg, self.tag)
+            interventions = self._copy_interventions(ep, n)
         except (PathOutsideRoot, EpisodeError, OSError, ValueError, KeyError) as e:
             self.rejected += 1
             emit("rejected", path=raw_path, reason=f"{type(e).__name__}: {e}", rejected=self.rejected)
@@ -169,15 +174,43 @@ class OnlineLearner:
         self.episodes += 1
         self.budget += self.cfg.utd * n
         emit("episode", path=str(path), transitions=n, success=bool(ep.success), episodes=self.episodes,
-             online_transitions=len(self.online))
+             online_transitions=len(self.online), interventions=interventions,
+             intervention_transitions=len(self.interventions))
         return True
 
+    def _copy_interventions(self, ep, n: int) -> int:
+        """The episode's intervention steps (step_info/intervention), just added to the online
+        buffer as its newest n rows, copied into the intervention buffer. Returns how many."""
+        import numpy as np
+        import torch
+
+        flags = ep.step_info.get("intervention") if ep.step_info else None
+        if flags is None or n <= 0 or n > self.online.capacity:
+            return 0
+        sel = np.nonzero(np.asarray(flags[:n]) > 0.5)[0]
+        if len(sel) == 0:
+            return 0
+        o = self.online
+        idx = torch.as_tensor((o.pos - n + sel) % o.capacity)
+        for s in range(0, len(idx), self.interventions.capacity):
+            part = idx[s:s + self.interventions.capacity]
+            self.interventions.add(**{k: getattr(o, k)[part] for k in (
+                "hidden", "mask", "state", "action", "reward", "done", "next_hidden", "next_mask", "next_state",
+                "behaviour_action", "mc_return", "success")}, tag=self.tag)
+        return int(len(sel))
+
     def train_some(self, max_updates: int = 50) -> int:
-        """Up to max_updates critic updates from the UTD budget; returns how many ran."""
+        """Up to max_updates critic updates from the UTD budget; returns how many ran. The demo half of
+        a batch comes from the demos or the interventions, in proportion to their sizes."""
         k = min(int(self.budget), max_updates)
         if k <= 0 or len(self.online) == 0:
             return 0
-        self.last_train = self.learner.train(self.online, self.demo, k)
+        n_int = len(self.interventions)
+        k_int = int(round(k * n_int / (n_int + len(self.demo)))) if n_int else 0
+        if k - k_int:
+            self.last_train = self.learner.train(self.online, self.demo, k - k_int)
+        if k_int:
+            self.last_train = self.learner.train(self.online, self.interventions, k_int)
         self.budget -= k
         return k
 
@@ -217,7 +250,8 @@ def run(args) -> int:
     cfg = load_iterate_config(args.config, dict(parse_override(s) for s in args.set)).sac
     try:
         learner = OnlineLearner(args.checkpoint, args.episodes, args.out, cfg, demos_root=args.demos,
-                                keep=args.keep, device=resolve_device(args.device))
+                                keep=args.keep, device=resolve_device(args.device),
+                                intervention_bytes=args.intervention_bytes)
     except (CheckpointError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -285,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--snapshot-every-episodes", type=int, default=5)
     ap.add_argument("--keep", type=int, default=5, help="snapshots kept on disk")
     ap.add_argument("--max-queue", type=int, default=256, help="episode paths waiting to be read")
+    ap.add_argument("--intervention-bytes", type=int, default=256 << 20,
+                    help="buffer for the operator's intervention steps (they join the demo half of the batches)")
     ap.add_argument("--replay-existing", action="store_true", help="first add the policy episodes already on disk")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
