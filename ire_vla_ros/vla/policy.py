@@ -181,8 +181,15 @@ class VLAPolicy(nn.Module):
 
     # ------------------------------------------------------------------ forward paths
     def encode(self, images, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features (B, m, d) + mask; gradients flow only if LoRA is trainable."""
-        return self.backbone(self.backbone.prepare(images, instructions))
+        """Backbone features (B, m, d) + mask; gradients flow only if LoRA is trainable.
+
+        On CUDA the backbone runs under bf16 autocast (fp16 on GPUs without bf16), on CPU in fp32
+        (vla/precision.py); the heads cast the features back to fp32.
+        """
+        from .precision import autocast
+
+        with autocast(self.device):
+            return self.backbone(self.backbone.prepare(images, instructions))
 
     def distribution(self, hidden, mask, state_n) -> torch.distributions.Normal:
         return self.actor.distribution(hidden, mask, state_n)
