@@ -364,3 +364,25 @@ def test_sac_stage1_in_metaworld_collects_stores_and_updates(tmp_path):
     finally:
         for e in envs:
             e.close()
+
+
+def test_sac_updates_write_tensorboard_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ire_vla_ros.training import tb
+
+    learner = _learner()
+    replay = LatentReplay(1 << 22, 24, 64, 9, 2, tag="t")
+    replay.add(**_transitions(32, tokens=24, width=64, S=9, A=2, reward=1.0, done=1.0), tag="t")
+    tb.enable(tmp_path)
+    try:
+        learner.train(replay, replay, 4)
+        learner.train(replay, replay, 4)
+    finally:
+        tb.close()
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"sac/critic_loss", "sac/actor_loss", "sac/alpha", "sac/q_pi", "sac/lr_actor", "sac/lr_critic"} <= tags
+    assert len(acc.Scalars("sac/critic_loss")) == 2

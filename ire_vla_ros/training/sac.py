@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import tb
+
 from ..vla.heads import TokenLearner
 from ..vla.policy import VLAPolicy
 
@@ -572,7 +574,11 @@ class SACLearner:
         if not stats:
             return {}
         keys = set().union(*stats)
-        return {k: float(np.mean([s[k] for s in stats if k in s])) for k in keys}
+        mean = {k: float(np.mean([s[k] for s in stats if k in s])) for k in keys}
+        # TensorBoard (a no-op unless --tensorboard enabled it): losses, Q, alpha, log-prob, lrs
+        tb.log("sac", {**mean, "lr_actor": self.actor_opt.param_groups[0]["lr"],
+                       "lr_critic": self.critic_opt.param_groups[0]["lr"]})
+        return mean
 
 
 @torch.no_grad()
