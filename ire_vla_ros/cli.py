@@ -149,8 +149,11 @@ def cmd_train_offline(args) -> int:
     def report(stage: str, fraction: float, message: str) -> None:
         print("PROGRESS " + json.dumps({"stage": stage, "fraction": round(fraction, 3), "message": message}), flush=True)
 
+    import shlex
+
     ckpt = run_offline_iteration(cfg, args.episodes, args.checkpoints, init=args.init, report=report,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, sft_processes=args.sft_processes,
+                                 sft_launcher_args=shlex.split(args.sft_launcher_args or ""))
     print(f"CHECKPOINT {ckpt}", flush=True)
     return 0
 
@@ -249,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--episodes", type=Path, required=True, help="episode store root (teleop + policy episodes)")
     q.add_argument("--checkpoints", type=Path, required=True, help="checkpoint root")
     q.add_argument("--init", type=Path, help="starting checkpoint when the root has none yet")
+    q.add_argument("--sft-processes", type=int, default=1,
+                   help="run Stage 0/2 SFT under torchrun with this many processes (DDP; default 1: in process)")
+    q.add_argument("--sft-launcher-args", default="",
+                   help="extra torchrun arguments for multi-node SFT, e.g. "
+                        "'--nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29400'")
     q.set_defaults(func=cmd_train_offline)
 
     p = sub.add_parser("iterate", help="Stage 0 + K x (Stage 1, Stage 2) in Metaworld with evaluation")

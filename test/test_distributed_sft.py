@@ -125,3 +125,39 @@ def test_killed_rank_fails_cleanly_and_keeps_latest(tmp_path):
     assert resolve_checkpoint(ck) == latest_before
     load_checkpoint(ck, device="cpu")  # still loads
     assert len([p for p in ck.iterdir() if p.is_dir()]) == 1  # nothing half-written left as a checkpoint
+
+
+def _policy_episode(root: Path, success: bool, steps: int = 12, seed: int = 1) -> None:
+    rng = np.random.default_rng(seed)
+    w = EpisodeWriter(root, instruction="press the button from the top", task="button-press",
+                      source="policy", action_spec=METAWORLD_4D, joint_names=JOINTS)
+    for t in range(steps):
+        w.append(images={"main": rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)},
+                 joint_positions=rng.normal(size=9).astype(np.float32),
+                 action=rng.uniform(-1, 1, 4).astype(np.float32), reward=float(success and t == steps - 1),
+                 timestamp=0.1 * t, log_prob=-1.0, value=0.0)
+    w.finalize(success)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not next to this Python")
+def test_offline_iteration_runs_stage0_and_stage2_in_processes(tmp_path):
+    """`train offline --sft-processes 2` (what trainer_node's sft_processes passes): Stage 0, then
+    Stage 1 in process + Stage 2 under torchrun; the checkpoints record 2 processes and the
+    staging directory is gone."""
+    eps = _episodes(tmp_path / "eps")
+    ck = tmp_path / "ck"
+    common = ["-m", "ire_vla_ros.cli", "train", "offline", "--episodes", str(eps), "--checkpoints", str(ck),
+              "--device", "cpu", "--no-progress", "--sft-processes", "2",
+              "--set", "sft.steps=3", "--set", "sft.batch_size=8", "--set", "sac.critic_pretrain_steps=2",
+              "--set", "sac.distill_steps=2", "--set", "sac.offline_updates=2", "--set", "sac.batch_size=8"]
+    first = subprocess.run([sys.executable, *common], env=_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((resolve_checkpoint(ck) / "metadata.json").read_text())["train"]["world_size"] == 2
+    _policy_episode(eps, success=True)
+    second = subprocess.run([sys.executable, *common], env=_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    meta = json.loads((resolve_checkpoint(ck) / "metadata.json").read_text())
+    assert meta["iteration"] == 1 and meta["stage2"]["world_size"] == 2 and "stage1" in meta
+    assert len(meta["consumed_online"]) == 1
+    assert not (tmp_path / ".ck.sft_staging").exists()
+    load_checkpoint(ck, device="cpu")

@@ -44,9 +44,10 @@ def test_parse_and_build():
     assert parse_line("PROGRESS not json") == ("log", "PROGRESS not json")
     assert parse_line("CHECKPOINT /a/b\n") == ("checkpoint", "/a/b")
     cmd = build_command(DEFAULT_COMMAND, dict(python="py", episodes="E", checkpoints="C", config="", device="cpu",
-                                              tensorboard="C/logs/tb"))
+                                              tensorboard="C/logs/tb", sft_processes="4", sft_launcher_args=""))
     assert cmd == ["py", "-m", "ire_vla_ros.cli", "train", "offline", "--episodes", "E", "--checkpoints", "C",
-                   "--device", "cpu", "--no-progress", "--tensorboard", "C/logs/tb"]  # empty --config is left out
+                   "--device", "cpu", "--no-progress", "--tensorboard", "C/logs/tb",
+                   "--sft-processes", "4"]  # empty --config / --sft-launcher-args are left out
 
 
 def test_training_job_without_ros(tmp_path):

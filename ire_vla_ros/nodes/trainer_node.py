@@ -64,6 +64,7 @@ DEFAULT_COMMAND = [
     "{python}", "-m", "ire_vla_ros.cli", "train", "offline",
     "--episodes", "{episodes}", "--checkpoints", "{checkpoints}",
     "--config", "{config}", "--device", "{device}", "--no-progress", "--tensorboard", "{tensorboard}",
+    "--sft-processes", "{sft_processes}", "--sft-launcher-args", "{sft_launcher_args}",
 ]
 
 #: Resource limits (also listed in `--help`): a child or a caller cannot grow the node's memory or
@@ -257,11 +258,16 @@ class TrainerNode(Node):
         "device": P("cpu", "Torch device for the next run (auto, cpu, cuda, cuda:N, mps)",
                     validate=check_device),
         "command": P(DEFAULT_COMMAND, "Command run by ~/run_iteration; placeholders {python} {episodes} "
-                     "{checkpoints} {config} {device} {tensorboard}", type=Parameter.Type.STRING_ARRAY, read_only=True),
+                     "{checkpoints} {config} {device} {tensorboard} {sft_processes} {sft_launcher_args}",
+                     type=Parameter.Type.STRING_ARRAY, read_only=True),
         "extra_args": P([], "Arguments appended to the command (e.g. [--set, sft.steps=500])",
                          type=Parameter.Type.STRING_ARRAY, read_only=True),
         "working_dir": P("", "Working directory of the command (empty: the node's)", read_only=True),
         "log_dir": P("", "Where the child's output is logged (empty: <checkpoints_dir>/logs)", read_only=True),
+        "sft_processes": P(1, "Stage 0/2 SFT processes (torchrun, DDP; one per GPU). 1 = in the training process",
+                           min=1, max=1024, read_only=True),
+        "sft_launcher_args": P("", "Extra torchrun arguments for multi-node SFT, e.g. '--nnodes 2 --rdzv-backend "
+                               "c10d --rdzv-endpoint HOST:29400' (run the same on every node)", read_only=True),
         "reload_service": P("/policy_node/reload", "std_srvs/Trigger called after a successful run "
                             "(empty: no reload)", read_only=True),
         "reload_wait_s": P(30.0, "How long to wait for the reload service to appear, then for its answer",
@@ -374,7 +380,9 @@ class TrainerNode(Node):
             # every run writes its TensorBoard run under <log_dir>/tb: `tensorboard --logdir <log_dir>/tb`
             values = dict(python=sys.executable, episodes=str(self._param("episodes_dir")),
                           checkpoints=str(ckpt), config=str(self._param("config")),
-                          device=str(self._param("device")), tensorboard=str(log_dir / "tb"))
+                          device=str(self._param("device")), tensorboard=str(log_dir / "tb"),
+                          sft_processes=str(self._param("sft_processes")),
+                          sft_launcher_args=str(self._param("sft_launcher_args")))
             try:
                 command = build_command(list(self._param("command")), values) + list(self._param("extra_args") or [])
             except (TypeError, ValueError) as exc:

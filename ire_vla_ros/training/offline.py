@@ -11,10 +11,19 @@ What runs depends on what exists:
 
 The checkpoint's metadata lists the online episodes it consumed, so running twice never trains on
 the same rollouts twice.
+
+With `sft_processes` > 1, Stage 0 and Stage 2 run as `ire-vla train sft` under torchrun
+(`python -m torch.distributed.run --nproc_per_node N [launcher args] ...`, DDP: docs/SCALE.md) in a
+staging directory beside the checkpoint root; Stage 1 stays in this process (one GPU is enough for
+the heads). The staged result is re-saved into the root with this iteration's metadata, so `latest`
+only ever moves to a complete checkpoint.
 """
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from ..episodes.store import read_episode, scan_episodes
@@ -36,8 +45,48 @@ def _current_checkpoint(ckpt_root: Path, init: Path | None) -> Path | None:
         return resolve_checkpoint(init) if init is not None else None
 
 
+def sft_in_processes(cfg: IterateConfig, episodes: Path, staging: Path, *, processes: int,
+                     launcher_args: list[str] | tuple = (), init: Path | None = None):
+    """`ire-vla train sft` (Stage 0, or Stage 2 with `init`) under torchrun with `processes` ranks.
+
+    Returns (policy, train stats) of the checkpoint rank 0 wrote under `staging`. The effective
+    config goes to the ranks as a YAML file; a failed rank fails the call (RuntimeError).
+    """
+    import yaml
+
+    staging.mkdir(parents=True, exist_ok=True)
+    cfg_file = staging / "config.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    out = staging / "checkpoints"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(int(processes)),
+           "--max-restarts", "0", *launcher_args, "-m", "ire_vla_ros.cli", "train", "sft",
+           "--episodes", str(episodes), "--checkpoints", str(out), "--config", str(cfg_file), "--no-progress"]
+    if init is not None:
+        cmd += ["--init", str(init)]
+    log.info("multi-process SFT: %s", " ".join(cmd))
+    rc = subprocess.call(cmd)  # its output goes to ours (the trainer node's log)
+    if rc != 0:
+        raise RuntimeError(f"multi-process SFT ({processes} processes) failed with exit code {rc}")
+    ckpt = resolve_checkpoint(out)
+    return load_checkpoint(ckpt, device=resolve_device(cfg.device)), read_metadata(ckpt)["train"]
+
+
 def run_offline_iteration(cfg: IterateConfig, episodes: Path, ckpt_root: Path, *, init: Path | None = None,
-                          report=_noop, progress: bool = False) -> Path:
+                          report=_noop, progress: bool = False, sft_processes: int = 1,
+                          sft_launcher_args: list[str] | tuple = ()) -> Path:
+    if sft_processes > 1:
+        staging = Path(ckpt_root).parent / f".{Path(ckpt_root).name}.sft_staging"
+        shutil.rmtree(staging, ignore_errors=True)  # a killed earlier run's leftovers
+        try:
+            return _run_offline_iteration(cfg, episodes, ckpt_root, init=init, report=report, progress=progress,
+                                          sft=(sft_processes, list(sft_launcher_args), staging))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return _run_offline_iteration(cfg, episodes, ckpt_root, init=init, report=report, progress=progress, sft=None)
+
+
+def _run_offline_iteration(cfg: IterateConfig, episodes: Path, ckpt_root: Path, *, init, report, progress,
+                           sft) -> Path:
     device = resolve_device(cfg.device)
     scan = scan_episodes(episodes)
     for path, reason in scan.rejected:
@@ -49,8 +98,13 @@ def run_offline_iteration(cfg: IterateConfig, episodes: Path, ckpt_root: Path, *
     if base is None:
         report("stage0", 0.0, f"Stage 0 SFT on {len(expert)} teleop episodes")
         first = read_episode(expert[0], load_images=False)
-        policy = new_policy(cfg, first.action_spec, first.joint_names, device)
-        stats = stage0_sft(policy, expert, cfg.sft, progress=progress)
+        if sft is None:
+            policy = new_policy(cfg, first.action_spec, first.joint_names, device)
+            stats = stage0_sft(policy, expert, cfg.sft, progress=progress)
+        else:
+            processes, launcher_args, staging = sft
+            policy, stats = sft_in_processes(cfg, episodes, staging, processes=processes,
+                                             launcher_args=launcher_args)
         report("stage0", 1.0, f"Stage 0 done, loss {stats['loss_last']:.4f}")
         return save_checkpoint(policy, ckpt_root, stage="sft", iteration=0,
                                metadata={"train": stats, "expert": [str(p) for p in expert], "consumed_online": []})
@@ -72,7 +126,14 @@ def run_offline_iteration(cfg: IterateConfig, episodes: Path, ckpt_root: Path, *
     s1["algo"] = cfg.stage1.algo
     successful = scan_episodes(episodes, sources=["policy", "rl"], successful_only=True).episodes
     report("stage2", 0.0, f"Stage 2 SFT on {len(expert)} teleop + {len(successful)} successful online episodes")
-    s2 = stage2_sft(policy, expert, successful, cfg.stage2_sft or cfg.sft, progress=progress)
+    if sft is None:
+        s2 = stage2_sft(policy, expert, successful, cfg.stage2_sft or cfg.sft, progress=progress)
+    else:  # Stage 1's result goes to the ranks as a staged checkpoint
+        processes, launcher_args, staging = sft
+        stage1_ckpt = save_checkpoint(policy, staging / "stage1", stage="rl", iteration=iteration,
+                                      metadata={"stage1": s1})
+        policy, s2 = sft_in_processes(cfg, episodes, staging, processes=processes, launcher_args=launcher_args,
+                                      init=stage1_ckpt)
     report("stage2", 1.0, f"Stage 2 done, loss {s2['loss_last']:.4f}")
     return save_checkpoint(policy, ckpt_root, stage="sft", iteration=iteration,
                            metadata={"stage1": s1, "stage2": s2, "parent": str(base), "expert": [str(p) for p in expert],
