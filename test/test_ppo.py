@@ -172,3 +172,37 @@ def test_success_bonus_makes_finishing_worth_more_than_hovering():
     hover_return = sum(best_step * dense.gamma ** k for k in range(10_000))
     assert success_bonus(dense) >= hover_return - 1e-6
     assert success_bonus(PPOConfig(success_bonus=3.0)) == 3.0
+
+
+def test_offline_ppo_cache_reads_episodes_one_by_one_into_fp16_latents(tmp_path):
+    """PPO from recorded robot episodes (stage1.algo: ppo): latents stored in fp16, one column per
+    episode padded after its end (done from its last step on), the same features as a fresh pass,
+    and the PPO update runs on them."""
+    from ire_vla_ros.episodes.store import EpisodeWriter
+    from ire_vla_ros.training.stages import cache_from_episodes, stage1_ppo_offline
+    from ire_vla_ros.vla.action_spec import METAWORLD_4D
+    from ire_vla_ros.vla.testing import SAWYER_JOINTS
+
+    policy = make_tiny_policy()
+    rng = np.random.default_rng(0)
+    paths, frames = [], []
+    for n_steps in (5, 3):
+        w = EpisodeWriter(tmp_path, instruction="press the button from the top", task="b", source="policy",
+                          action_spec=METAWORLD_4D, joint_names=SAWYER_JOINTS)
+        imgs = rng.integers(0, 256, (n_steps, 64, 64, 3), dtype=np.uint8)
+        for t in range(n_steps):
+            w.append(images={"main": imgs[t]}, joint_positions=rng.normal(size=9).astype(np.float32),
+                     action=rng.uniform(-1, 1, 4).astype(np.float32), reward=float(t == n_steps - 1),
+                     timestamp=0.1 * t, log_prob=-1.0, value=0.0)
+        paths.append(w.finalize(True))
+        frames.append(imgs)
+    cfg = PPOConfig(minibatch_size=4, update_epochs=1, critic_warmup_rollouts=0)
+    batch = cache_from_episodes(policy, paths, cfg)
+    assert batch.hidden.dtype == torch.float16 and batch.hidden.shape[:2] == (5, 2)
+    assert batch.dones[:, 1].tolist() == [0.0, 0.0, 1.0, 1.0, 1.0] and batch.dones[:, 0].tolist() == [0, 0, 0, 0, 1]
+    with torch.no_grad():
+        fresh, _ = policy.encode(frames[1], ["press the button from the top"] * 3)
+    torch.testing.assert_close(batch.hidden[:3, 1, : fresh.shape[1]].float(), fresh, atol=2e-3, rtol=2e-3)
+    assert torch.isfinite(batch.log_probs).all()
+    stats = stage1_ppo_offline(policy, paths, cfg)
+    assert stats["episodes"] == 2

@@ -124,13 +124,19 @@ def cache_from_episodes(policy: VLAPolicy, paths, cfg: PPOConfig, batch_size: in
     of the current actor on the recorded (clipped) actions. Each episode becomes one column of
     length T_max, padded with masked steps (zero reward, done) after its end.
     """
-    episodes = [read_episode(p) for p in paths]
-    T = max(e.n_steps for e in episodes)
-    N = len(episodes)
-    first = policy.encode(episodes[0].images["main"][:1], [episodes[0].instruction])[0]
+    from ..vla.precision import LATENT_DTYPE
+
+    # Frames are read one episode at a time and the latents kept in fp16: at 640x480 and a
+    # BLIP-2-sized latent, all episodes' frames or fp32 latents at once would not fit in RAM.
+    paths = list(paths)
+    lengths = [read_episode(p, load_images=False).n_steps for p in paths]
+    T, N = max(lengths), len(paths)
+    first_ep = read_episode(paths[0])
+    with torch.no_grad():
+        first = policy.encode(first_ep.images["main"][:1], [first_ep.instruction])[0]
     m, d = first.shape[1], first.shape[2]
     dev = policy.device
-    hidden = torch.zeros(T, N, m, d, device=dev)
+    hidden = torch.zeros(T, N, m, d, dtype=LATENT_DTYPE, device=dev)
     mask = torch.zeros(T, N, m, dtype=torch.bool, device=dev)
     mask[..., 0] = True  # padded steps still need one attendable token
     S, A = len(policy.joint_names), policy.action_spec.dim
@@ -139,17 +145,21 @@ def cache_from_episodes(policy: VLAPolicy, paths, cfg: PPOConfig, batch_size: in
     rewards = torch.zeros(T, N, device=dev)
     dones = torch.zeros(T, N, device=dev)
     valid = torch.zeros(T, N, device=dev)
-    for n, ep in enumerate(episodes):
+    for n, path in enumerate(paths):
+        ep = first_ep if n == 0 else read_episode(path)
         imgs = ep.images["main"]
         for s in range(0, ep.n_steps, batch_size):
-            h, mk = policy.encode(imgs[s:s + batch_size], [ep.instruction] * len(imgs[s:s + batch_size]))
-            hidden[s:s + len(h), n, : h.shape[1]] = h
+            with torch.no_grad():
+                h, mk = policy.encode(imgs[s:s + batch_size], [ep.instruction] * len(imgs[s:s + batch_size]))
+            hidden[s:s + len(h), n, : h.shape[1]] = h.to(LATENT_DTYPE)
             mask[s:s + len(h), n, : h.shape[1]] = mk.bool()
         states[: ep.n_steps, n] = policy.normalize_state(ep.joint_positions)
         actions[: ep.n_steps, n] = policy.normalize_action(ep.actions)
         rewards[: ep.n_steps, n] = torch.as_tensor(ep.rewards, device=dev)
         dones[ep.n_steps - 1:, n] = 1.0
         valid[: ep.n_steps, n] = 1.0
+        del ep, imgs
+    first_ep = None
     st = states.reshape(T * N, S)
     h2, m2 = hidden.reshape(T * N, m, d), mask.reshape(T * N, m)
     log_probs = policy.log_prob(policy.distribution(h2, m2, st), actions.reshape(T * N, A)).reshape(T, N)
