@@ -515,12 +515,25 @@ def _node_logger(node) -> Callable[[str, str], None]:
     return log
 
 
-class _GripperMixin:
+class _CommandMixin:
+    """What the Servo and MoveItPy backends build alike: the gripper command and a pose target."""
+
     def _publish_gripper(self, delta) -> None:
         if getattr(delta, "gripper", None) is not None:
             from std_msgs.msg import Float64
 
             self._gripper_pub.publish(Float64(data=float(delta.gripper)))
+
+    def _pose_target(self, ee_pos, ee_quat, delta):
+        """PoseStamped in command_frame, stamped now: the EE pose moved by one safe delta."""
+        pos, quat = pose_after_delta(ee_pos, ee_quat, delta)
+        msg = self._PoseStamped()
+        msg.header.stamp = self.node.get_clock().now().to_msg()
+        msg.header.frame_id = self.p.command_frame
+        msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = (float(v) for v in pos)
+        (msg.pose.orientation.x, msg.pose.orientation.y, msg.pose.orientation.z,
+         msg.pose.orientation.w) = (float(v) for v in quat)
+        return msg
 
 
 class ServoModeClient:
@@ -592,7 +605,7 @@ class ServoModeClient:
             self._timer.cancel()
 
 
-class ServoBackend(_GripperMixin, MotionBackend):
+class ServoBackend(_CommandMixin, MotionBackend):
     """servo_twist (TwistStamped velocities) or servo_pose (PoseStamped targets of the IK tip)."""
 
     def __init__(self, node, p, callback_group):
@@ -649,14 +662,7 @@ class ServoBackend(_GripperMixin, MotionBackend):
             if ee_pos is None or ee_quat is None:
                 self.counters["no_ee_pose"] += 1
                 return False
-            pos, quat = pose_after_delta(ee_pos, ee_quat, delta)
-            msg = self._PoseStamped()
-            msg.header.stamp = self.node.get_clock().now().to_msg()
-            msg.header.frame_id = self.p.command_frame
-            msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = (float(v) for v in pos)
-            (msg.pose.orientation.x, msg.pose.orientation.y, msg.pose.orientation.z,
-             msg.pose.orientation.w) = (float(v) for v in quat)
-            self._pub.publish(msg)
+            self._pub.publish(self._pose_target(ee_pos, ee_quat, delta))
         self._publish_gripper(delta)
         self.counters["commands_sent"] += 1
         return True
@@ -701,7 +707,7 @@ def _import_moveit_py():
     return MoveItPy, PlanRequestParameters
 
 
-class MoveItPyBackend(_GripperMixin, MotionBackend):  # the MoveIt calls need moveit_py (not here)
+class MoveItPyBackend(_CommandMixin, MotionBackend):  # the MoveIt calls need moveit_py (not here)
     """One short plan-and-execute per target in a worker thread; newest target wins."""
 
     name = "moveit_py"
@@ -752,14 +758,7 @@ class MoveItPyBackend(_GripperMixin, MotionBackend):  # the MoveIt calls need mo
     def send(self, delta, ee_pos, ee_quat) -> bool:
         if not self._active or ee_pos is None or ee_quat is None:
             return False
-        pos, quat = pose_after_delta(ee_pos, ee_quat, delta)
-        msg = self._PoseStamped()
-        msg.header.stamp = self.node.get_clock().now().to_msg()
-        msg.header.frame_id = self.p.command_frame
-        msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = (float(v) for v in pos)
-        (msg.pose.orientation.x, msg.pose.orientation.y, msg.pose.orientation.z,
-         msg.pose.orientation.w) = (float(v) for v in quat)
-        self._worker.submit(msg)
+        self._worker.submit(self._pose_target(ee_pos, ee_quat, delta))
         self._publish_gripper(delta)
         self.counters["targets_sent"] += 1
         return True
