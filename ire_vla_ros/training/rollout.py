@@ -43,7 +43,22 @@ class EpisodeRecord:
     values: list = field(default_factory=list)
 
 
-class RolloutCollector:
+class _EpisodeBookkeeping:
+    """Episode ends shared by the PPO and SAC collectors: counters, and the successful episodes kept
+    as `rl` episode files for Stage 2."""
+
+    def _finish_episode(self, i: int, env, success: bool) -> None:
+        rec = self.records[i]
+        self.episodes_done += 1
+        self.successes += int(success)
+        self.recent.append((env.task, success))
+        if success and self.cfg.keep_successful and self.episode_root is not None:
+            self.saved.append(write_episode(self.episode_root, env, rec, source="rl", success=True,
+                                            iteration=self.iteration))
+        self.records[i] = EpisodeRecord()
+
+
+class RolloutCollector(_EpisodeBookkeeping):
     """Steps N envs with the current (stochastic) policy and fills a FrozenFeatureCache."""
 
     def __init__(self, envs, cfg: PPOConfig, *, seed_start: int | None = None, episode_root: Path | None = None,
@@ -132,18 +147,8 @@ class RolloutCollector:
             images=np.stack(images) if keep_images else None, instructions=texts if keep_images else None,
         )
 
-    def _finish_episode(self, i: int, env, success: bool) -> None:
-        rec = self.records[i]
-        self.episodes_done += 1
-        self.successes += int(success)
-        self.recent.append((env.task, success))
-        if success and self.cfg.keep_successful and self.episode_root is not None:
-            self.saved.append(write_episode(self.episode_root, env, rec, source="rl", success=True,
-                                            iteration=self.iteration))
-        self.records[i] = EpisodeRecord()
 
-
-class SACCollector:
+class SACCollector(_EpisodeBookkeeping):
     """Steps N envs with the tanh policy's stochastic actions and adds each transition to a
     `LatentReplay` right away: every observation goes through the frozen backbone exactly once
     (its latent is the next latent of one transition and the latent the next action is chosen
@@ -224,15 +229,6 @@ class SACCollector:
         self.latents = (next_hidden, next_mask)
         return len(self.envs)
 
-    def _finish_episode(self, i: int, env, success: bool) -> None:
-        rec = self.records[i]
-        self.episodes_done += 1
-        self.successes += int(success)
-        self.recent.append((env.task, success))
-        if success and self.cfg.keep_successful and self.episode_root is not None:
-            self.saved.append(write_episode(self.episode_root, env, rec, source="rl", success=True,
-                                            iteration=self.iteration))
-        self.records[i] = EpisodeRecord()
 
 
 def write_episode(root: Path, env, rec: EpisodeRecord, *, source: str, success: bool, iteration: int) -> Path:
