@@ -618,3 +618,46 @@ def test_help_does_not_start_ros_and_states_limits():
     for word in ("usage:", "motion_backend", "stale_timeout_s", "max_image_pixels", "max_image_bytes",
                  "max_instruction_bytes"):
         assert word in out.stdout, word
+
+
+def test_executor_gate_holds_callbacks_while_a_step_runs(ros_domain_id):
+    """ros_common.spin with an ExecutorGate: no callback runs while the gate is closed (the policy
+    node closes it around each control step), the backlog is served once it opens, and shutdown
+    ends the loop even with the gate closed."""
+    import threading
+    import time
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    from ire_vla_ros.nodes.ros_common import ExecutorGate, spin
+
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=ros_domain_id)
+    node = rclpy.create_node("gate_test", context=ctx)
+    ticks = []
+    node.create_timer(0.002, lambda: ticks.append(time.monotonic()))
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    gate = ExecutorGate()
+    spinner = threading.Thread(target=spin, args=(executor, gate), daemon=True)
+    spinner.start()
+    try:
+        time.sleep(0.3)
+        assert len(ticks) > 20, "the executor must run while the gate is open"
+        with gate.closed():
+            time.sleep(0.05)  # the callback in hand finishes
+            n_closed = len(ticks)
+            time.sleep(0.4)
+            assert len(ticks) - n_closed <= 1, "callbacks ran while the gate was closed"
+        time.sleep(0.3)
+        assert len(ticks) - n_closed > 20, "the executor must resume when the gate opens"
+        with gate.closed():
+            rclpy.shutdown(context=ctx)
+            spinner.join(timeout=3.0)
+        assert not spinner.is_alive(), "spin must end on shutdown"
+    finally:
+        if ctx.ok():
+            rclpy.shutdown(context=ctx)
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()

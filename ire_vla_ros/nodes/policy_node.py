@@ -19,7 +19,8 @@ Interface (defaults; every topic is a parameter, see config/policy_node.yaml)
                                            (its `latest`) in a worker thread, swaps between ticks; a failed
                                            load keeps the running model. Result: log, /diagnostics, counters
 
-Control loop: its own thread (robot/runner.py), never the executor. Callbacks only store the newest
+Control loop: its own thread (robot/runner.py), never the executor, which waits while a step runs
+(ros_common.ExecutorGate: 500 Hz joint callbacks no longer slow inference). Callbacks store the newest
 messages. By default (`control_trigger: frame`) a step runs when a new camera frame arrives, on a
 grid of 1/control_rate_hz (commands steady at the rate, the image fresh); `timer` steps on the grid
 alone. No command from a frame whose header stamp is older than `stale_timeout_s`, however late
@@ -47,7 +48,7 @@ from std_srvs.srv import SetBool, Trigger
 
 from ire_vla_ros.nodes import motion_backends, online_rl
 from ire_vla_ros.nodes.ros_common import (
-    ESTOP_QOS, LATCHED_QOS, RELIABLE_QOS, NodeStartupError, P, bind_live_params, declare_params,
+    ESTOP_QOS, LATCHED_QOS, RELIABLE_QOS, ExecutorGate, NodeStartupError, P, bind_live_params, declare_params,
     params_as_dict, run_node, stamp_ns,
 )
 from ire_vla_ros.robot.action_msg import pack_action
@@ -220,6 +221,7 @@ class PolicyNode(Node):
         self._publish_params()
 
         self._stop = threading.Event()
+        self.executor_gate = ExecutorGate()  # run_node's executor waits while a step runs (ros_common)
         self._pacer = ControlPacer(1.0 / p.control_rate_hz, p.control_trigger, now=time.monotonic())
         self._thread = threading.Thread(target=self._control_loop, name="policy_control", daemon=True)
         self._thread.start()
@@ -390,7 +392,7 @@ class PolicyNode(Node):
             try:
                 if self._tf_buffer is not None:
                     self._ee_from_tf()
-                with runner.lock:
+                with self.executor_gate.closed(), runner.lock:
                     out = runner.step(self.obs.snapshot(), self._now())
                     if out.command is not None:
                         self._send(out.command)

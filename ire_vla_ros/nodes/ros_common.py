@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Sequence
@@ -226,6 +228,41 @@ def stamp_ns(stamp) -> int:
 # ---------------------------------------------------------------------------------------------
 # main()
 # ---------------------------------------------------------------------------------------------
+class ExecutorGate:
+    """Lets a node's time-critical thread hold its executor back while that thread works.
+
+    Python runs one thread at a time: at 500 Hz joint states the executor thread wakes every 2 ms
+    and takes the interpreter from the control thread mid-inference (measured: policy.act 30 % slower
+    at 500 Hz than at 20 Hz joint states). While the gate is closed the executor finishes the callback
+    in hand and waits; messages queue in DDS (only the newest matters) and are handled when it opens.
+    A node that has one sets `self.executor_gate`; run_node's spin loop honours it."""
+
+    def __init__(self):
+        self._open = threading.Event()
+        self._open.set()
+
+    @contextmanager
+    def closed(self):
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
+    def wait_open(self, timeout: float) -> bool:
+        return self._open.wait(timeout)
+
+
+def spin(executor, gate: ExecutorGate | None = None) -> None:
+    """executor.spin(), waiting at `gate` (if any) between callbacks."""
+    if gate is None:
+        executor.spin()
+        return
+    while executor.context.ok():
+        if gate.wait_open(0.5):
+            executor.spin_once(timeout_sec=0.5)
+
+
 class NodeStartupError(RuntimeError):
     """Raised by a node constructor when it cannot start (missing dependency, bad checkpoint...)."""
 
@@ -299,7 +336,7 @@ def run_node(
         executor = SingleThreadedExecutor() if num_threads == 1 else MultiThreadedExecutor(num_threads=num_threads)
         executor.add_node(node)
         try:
-            executor.spin()
+            spin(executor, getattr(node, "executor_gate", None))
         finally:
             executor.shutdown()
     except (KeyboardInterrupt, ExternalShutdownException):
