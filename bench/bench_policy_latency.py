@@ -28,6 +28,7 @@ the camera RELIABLE (a stock driver's default QoS), which the node's subscriptio
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import signal
@@ -299,6 +300,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "policy_latency.json")
     args = ap.parse_args(argv)
     args.width, args.height = 640, 480
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack, if a run hangs
 
     os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
     os.environ["ROS_DOMAIN_ID"] = str(args.domain_id)
