@@ -235,7 +235,9 @@ class ExecutorGate:
     and takes the interpreter from the control thread mid-inference (measured: policy.act 30 % slower
     at 500 Hz than at 20 Hz joint states). While the gate is closed the executor finishes the callback
     in hand and waits; messages queue in DDS (only the newest matters) and are handled when it opens.
-    A node that has one sets `self.executor_gate`; run_node's spin loop honours it."""
+    That includes the e-stop: one arriving mid-step is handled when the step ends (one step, ~10 ms
+    here), and the stop follows the step's command. A node that has one sets `self.executor_gate`;
+    run_node's spin loop honours it."""
 
     def __init__(self):
         self._open = threading.Event()
@@ -357,3 +359,111 @@ def run_node(
         finally:
             signal.signal(signal.SIGINT, previous)
     return code
+
+
+# ---------------------------------------------------------------------------------------------
+# Start-up checks
+# ---------------------------------------------------------------------------------------------
+def require_choices(values: SimpleNamespace, choices: Mapping[str, Sequence[str]]) -> None:
+    """Start-up check of parameters that name a mode: NodeStartupError for the first value (in the
+    namespace from declare_params) that is not one of its choices."""
+    for name, allowed in choices.items():
+        value = getattr(values, name)
+        if value not in allowed:
+            raise NodeStartupError(f"{name} {value!r} is not one of {tuple(allowed)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics
+# ---------------------------------------------------------------------------------------------
+def diagnostic_value(value: Any) -> str:
+    """A /diagnostics value: a float with 3 decimals ("nan" for NaN), anything else as str()."""
+    if isinstance(value, float):
+        return "nan" if value != value else f"{value:.3f}"  # NaN is the one float unequal to itself
+    return str(value)
+
+
+def diagnostic_array(node, name: str, level: int, message: str, values: Mapping[str, Any],
+                     hardware_id: str = ""):
+    """A DiagnosticArray stamped now on the node's clock, holding one DiagnosticStatus.
+
+    `level` as an int: 0 OK, 1 WARN, 2 ERROR, 3 STALE; `values` become its KeyValues in order."""
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+
+    levels = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR, DiagnosticStatus.STALE)
+    status = DiagnosticStatus(level=levels[level], name=name, message=message, hardware_id=hardware_id,
+                              values=[KeyValue(key=str(k), value=diagnostic_value(v)) for k, v in values.items()])
+    array = DiagnosticArray(status=[status])
+    array.header.stamp = node.get_clock().now().to_msg()
+    return array
+
+
+# ---------------------------------------------------------------------------------------------
+# Subscriptions
+# ---------------------------------------------------------------------------------------------
+def reliability_for(offered) -> ReliabilityPolicy | None:
+    """As rosbag2 does: RELIABLE only if every publisher offers it; None when there is no publisher."""
+    offered = list(offered)
+    if not offered:
+        return None
+    return (ReliabilityPolicy.RELIABLE if all(r == ReliabilityPolicy.RELIABLE for r in offered)
+            else ReliabilityPolicy.BEST_EFFORT)
+
+
+class ReliabilityMatchedSubscription:
+    """A KEEP_LAST subscription whose reliability follows the topic's publishers, as rosbag2 does.
+
+    A RELIABLE subscription never receives from a BEST_EFFORT publisher, and a BEST_EFFORT one lets
+    DDS drop a RELIABLE publisher's messages. mode "auto" subscribes RELIABLE only while every
+    publisher offers it, re-checked every `recheck_s` as publishers come and go (the subscription is
+    re-created when the answer changes; with no publisher it stays as it is). "reliable" and
+    "best_effort" fix it."""
+
+    MODES = {"auto": None, "reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}
+
+    def __init__(self, node, msg_type, topic: str, callback: Callable, mode: str = "auto", depth: int = 1,
+                 recheck_s: float = 1.0):
+        if mode not in self.MODES:
+            raise ValueError(f"reliability {mode!r} is not one of {tuple(self.MODES)}")
+        self._node, self._msg_type, self._callback = node, msg_type, callback
+        self.topic, self.mode, self.depth = topic, mode, int(depth)
+        self.reliability: ReliabilityPolicy | None = None  # of the subscription now
+        self._sub = None
+        self.match()
+        if mode == "auto":
+            self._timer = node.create_timer(recheck_s, self.match)
+
+    def match(self) -> None:
+        want = self.MODES[self.mode]
+        if want is None:
+            offered = (i.qos_profile.reliability for i in self._node.get_publishers_info_by_topic(self.topic))
+            want = reliability_for(offered) or self.reliability or ReliabilityPolicy.BEST_EFFORT
+        if want == self.reliability:
+            return
+        if self._sub is not None:
+            self._node.destroy_subscription(self._sub)
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=self.depth, reliability=want)
+        self._sub = self._node.create_subscription(self._msg_type, self.topic, self._callback, qos)
+        self.reliability = want
+        self._node.get_logger().info(f"{self.topic}: {want.name} subscription")
+
+
+class TfLookup:
+    """The newest transform `target_frame` <- `source_frame` from TF. tf2_ros is an optional
+    dependency: it is imported here (ImportError when it is missing)."""
+
+    def __init__(self, node, target_frame: str, source_frame: str):
+        from tf2_ros import Buffer, TransformListener
+
+        self.target_frame, self.source_frame = target_frame, source_frame
+        self.buffer = Buffer()
+        self._listener = TransformListener(self.buffer, node)
+
+    def latest(self):
+        """The newest geometry_msgs/TransformStamped, or None while TF has none."""
+        from rclpy.time import Time
+
+        try:
+            return self.buffer.lookup_transform(self.target_frame, self.source_frame, Time())
+        except Exception:  # noqa: BLE001 - tf2's Lookup/Connectivity/Extrapolation errors until it arrives
+            return None
