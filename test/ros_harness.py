@@ -68,9 +68,11 @@ class Harness:
 
 
 def wait_for(pred, timeout=10.0, what="condition"):
+    """Poll `pred` until true; AssertionError after `timeout` s naming `what` (a string, or a
+    callable evaluated only then, for messages that show the state at the time of failure)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
             return
         time.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")

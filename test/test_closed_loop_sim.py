@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import rclpy
 from rclpy.context import Context
-from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from std_msgs.msg import String
@@ -33,6 +33,7 @@ from ire_vla_ros.nodes.teleop_node import TeleopNode
 from ire_vla_ros.nodes.trainer_node import TrainerNode
 from ire_vla_ros.vla.checkpoint import read_metadata, resolve_checkpoint
 from ire_vla_ros.vla.testing import make_tiny_checkpoint
+from ros_harness import wait_for  # noqa: E402
 
 TASK = "button-press-topdown-v3"
 RATE = 10.0
@@ -124,15 +125,6 @@ class Loop:
         for n in reversed(self.nodes):
             n.destroy_node()
         rclpy.shutdown(context=self.ctx)
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

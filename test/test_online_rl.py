@@ -21,6 +21,7 @@ from ire_vla_ros.episodes.store import EpisodeWriter
 from ire_vla_ros.nodes.online_rl import HeadSwapper, LearnerSession, TeleopYield, learner_command
 from ire_vla_ros.vla.action_spec import METAWORLD_4D
 from ire_vla_ros.vla.testing import SAWYER_JOINTS, make_tiny_checkpoint, make_tiny_policy
+from ros_harness import wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 INSTR = "press the button from the top"
@@ -44,15 +45,6 @@ def _episode(root: Path, source: str, steps: int, seed: int, success: bool) -> P
                  joint_positions=rng.normal(size=9).astype(np.float32),
                  action=rng.uniform(-1, 1, 4).astype(np.float32), reward=0.0, timestamp=0.1 * t)
     return w.finalize(success)
-
-
-def wait_for(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
 
 
 # =============================================================================================
