@@ -29,32 +29,28 @@ it arrived. Writable parameters take effect when set; paths, device and topics a
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 
-import numpy as np
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from geometry_msgs.msg import PoseStamped
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.duration import Duration
-from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.node import Node
 from rclpy.parameter import Parameter
-from rclpy.qos import HistoryPolicy, LivelinessPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import Bool, String
+from std_msgs.msg import String
 from std_srvs.srv import SetBool, Trigger
 
 from ire_vla_ros.nodes import motion_backends, online_rl
+from ire_vla_ros.nodes.arm_inputs import LOST_ACTIONS, EePoseInput, EstopListener
 from ire_vla_ros.nodes.ros_common import (
-    ESTOP_QOS, LATCHED_QOS, RELIABLE_QOS, ExecutorGate, NodeStartupError, P, bind_live_params, declare_params,
-    params_as_dict, run_node, stamp_ns,
+    LATCHED_QOS, RELIABLE_QOS, ExecutorGate, NodeStartupError, P, ReliabilityMatchedSubscription,
+    bind_live_params, declare_params, diagnostic_array, params_as_dict, require_choices, run_node, stamp_ns,
 )
 from ire_vla_ros.robot.action_msg import pack_action
 from ire_vla_ros.robot.image_codec import CompressedDecoder, ImageLimits, make_decoder
 from ire_vla_ros.robot.runner import (
-    ControlPacer, LatestObservations, ModelReloader, PolicyRunner, checkpoint_location, metadata_instruction,
+    ControlPacer, LatestObservations, ModelReloader, PolicyLoader, PolicyRunner, check_policy_params,
+    metadata_instruction, policy_health,
 )
 from ire_vla_ros.robot.safety import SafetyConfig, SafetyFilter
 
@@ -122,26 +118,15 @@ SAFETY_KEYS = ("max_translation_m", "max_rotation_rad", "workspace_enabled", "wo
                "workspace_max_xyz", "stale_timeout_s", "ee_pose_timeout_s")
 
 
-def reliability_for(offered) -> ReliabilityPolicy | None:
-    """As rosbag2 does: RELIABLE only if every publisher offers it; None when there is no publisher."""
-    offered = list(offered)
-    if not offered:
-        return None
-    return (ReliabilityPolicy.RELIABLE if all(r == ReliabilityPolicy.RELIABLE for r in offered)
-            else ReliabilityPolicy.BEST_EFFORT)
-
-
 class PolicyNode(Node):
     """One policy, one arm. See the module docstring for the interface."""
 
     def __init__(self, node_name: str = "policy_node", **kwargs):
         super().__init__(node_name, **kwargs)
         self.p = p = declare_params(self, PARAMS)
-        for name, allowed in (("control_trigger", ControlPacer.MODES), ("image_transport", ("raw", "compressed")),
-                              ("image_reliability", ("auto", "reliable", "best_effort")),
-                              ("estop_lost_action", ("ignore", "stop"))):
-            if getattr(p, name) not in allowed:
-                raise NodeStartupError(f"{name} {getattr(p, name)!r} is not one of {allowed}")
+        require_choices(p, {"control_trigger": ControlPacer.MODES, "image_transport": ("raw", "compressed"),
+                            "image_reliability": tuple(ReliabilityMatchedSubscription.MODES),
+                            "estop_lost_action": LOST_ACTIONS})
         try:
             safety_cfg = SafetyConfig.from_params(vars(p))
         except ValueError as exc:
@@ -151,25 +136,14 @@ class PolicyNode(Node):
 
         # ---- model ------------------------------------------------------------------------------
         try:
-            import torch
-
-            from ire_vla_ros.vla.checkpoint import load_checkpoint, resolve_checkpoint, resolve_device
-        except ImportError as exc:
-            raise NodeStartupError(f"the policy needs torch and ire_vla_ros.vla: {exc}") from exc
-        self._torch, self._load_checkpoint, self._resolve_checkpoint = torch, load_checkpoint, resolve_checkpoint
-        if p.torch_num_threads > 0:
-            torch.set_num_threads(int(p.torch_num_threads))
-        try:
-            self._device = resolve_device(p.device)
-        except RuntimeError as exc:
+            self.loader = PolicyLoader(p.checkpoint, p.device, p.torch_num_threads)
+        except RuntimeError as exc:  # no torch, or no such device
             raise NodeStartupError(str(exc)) from exc
-        self._checkpoint_root = checkpoint_location(p.checkpoint)
         try:
-            policy, ckpt = self._load()
+            policy, ckpt = self.loader()
         except Exception as exc:  # CheckpointError and anything a broken checkpoint throws
-            raise NodeStartupError(f"cannot load checkpoint {self._checkpoint_root}: {exc}") from exc
+            raise NodeStartupError(f"cannot load checkpoint {self.loader.root}: {exc}") from exc
         safety = SafetyFilter(safety_cfg, policy.action_spec)
-        safety.set_estop_link(p.estop_lost_action == "ignore")  # "stop": stopped until a publisher speaks
 
         # ---- control logic (no ROS) --------------------------------------------------------------
         decoder = CompressedDecoder() if p.image_transport == "compressed" else make_decoder(p.prefer_cv_bridge)
@@ -177,39 +151,20 @@ class PolicyNode(Node):
                                    explore=p.explore)
         self.obs = LatestObservations(ImageLimits(p.max_image_pixels, p.max_image_bytes), p.max_instruction_bytes,
                                       p.default_instruction or metadata_instruction(ckpt))
-        self.reloader = ModelReloader(self._load, self.runner.offer_model, self._reload_done)
-        self._estop_matched = 0
+        self.reloader = ModelReloader(self.loader, self.runner.offer_model, self._reload_done)
         self._moving = False
-        self.online = online_rl.PolicyOnlineHooks(self, p, self.runner, self._checkpoint_root)  # heads, yield
-        bind_live_params(self, _LIVE, p, check=self._check_params, apply=self._apply_params)
+        self.online = online_rl.PolicyOnlineHooks(self, p, self.runner, self.loader.root)  # heads, yield
+        bind_live_params(self, _LIVE, p, check=check_policy_params, apply=self._apply_params)
 
         # ---- ROS interfaces ------------------------------------------------------------------------
-        self._tf_buffer = None
-        if p.ee_link:
-            try:
-                from tf2_ros import Buffer, TransformListener  # noqa: PLC0415
-            except Exception as exc:
-                raise NodeStartupError(f"ee_link is set ({p.ee_link!r}) but tf2_ros does not import ({exc}); "
-                                       f"publish the EE pose on {p.ee_pose_topic!r} and leave ee_link empty") from exc
-            self._tf_buffer = Buffer()
-            self._tf_listener = TransformListener(self._tf_buffer, self)
-        else:
-            self.create_subscription(PoseStamped, p.ee_pose_topic, self._on_ee_pose, RELIABLE_QOS)
-        self._image_type = CompressedImage if p.image_transport == "compressed" else Image
-        self._image_topic = p.image_topic.rstrip("/") + ("/compressed" if p.image_transport == "compressed" else "")
-        self._image_sub, self.image_reliability = None, None
-        self._match_image_qos()
-        self._image_qos_timer = self.create_timer(1.0, self._match_image_qos)
+        self.ee_pose = EePoseInput(self, self.obs.set_ee_pose, p.command_frame, p.ee_pose_topic, p.ee_link)
+        compressed = p.image_transport == "compressed"
+        self.image_sub = ReliabilityMatchedSubscription(  # KEEP_LAST 1: only the newest frame matters
+            self, CompressedImage if compressed else Image,
+            p.image_topic.rstrip("/") + ("/compressed" if compressed else ""), self._on_image, p.image_reliability)
         self.create_subscription(JointState, p.joint_states_topic, self._on_joints, RELIABLE_QOS)
-        estop_qos = ESTOP_QOS
-        if p.estop_lease_s > 0:
-            estop_qos = QoSProfile(history=ESTOP_QOS.history, depth=ESTOP_QOS.depth,
-                                   reliability=ESTOP_QOS.reliability, durability=ESTOP_QOS.durability,
-                                   liveliness=LivelinessPolicy.AUTOMATIC,
-                                   liveliness_lease_duration=Duration(seconds=p.estop_lease_s))
-        self.create_subscription(Bool, p.estop_topic, self._on_estop, estop_qos, event_callbacks=
-                                 SubscriptionEventCallbacks(matched=self._on_estop_matched,
-                                                            liveliness=self._on_estop_liveliness))
+        self.estop = EstopListener(self, p.estop_topic, safety, self._stop_motion, p.estop_lost_action,
+                                   p.estop_lease_s)
         self.create_subscription(String, "~/instruction", self._on_instruction, LATCHED_QOS)
         self._action_pub = self.create_publisher(JointState, "~/action", RELIABLE_QOS)
         self._params_pub = self.create_publisher(String, "~/params_in_force", LATCHED_QOS)
@@ -226,16 +181,18 @@ class PolicyNode(Node):
         self._thread = threading.Thread(target=self._control_loop, name="policy_control", daemon=True)
         self._thread.start()
         self.get_logger().info(
-            f"loaded {ckpt} on {self._device}: action {list(policy.action_spec.names)}, {len(policy.joint_names)} "
-            f"joints, input {self.runner.input_size}; backend {self.backend.name}, {p.image_transport} images "
-            f"({decoder.name}{'; ' + decoder.fallback_reason if decoder.fallback_reason else ''}), trigger "
-            f"{p.control_trigger} at {p.control_rate_hz} Hz; DISABLED until ~/enable")
+            f"loaded {ckpt} on {self.loader.device}: action {list(policy.action_spec.names)}, "
+            f"{len(policy.joint_names)} joints, input {self.runner.input_size}; backend {self.backend.name}, "
+            f"{p.image_transport} images ({decoder.name}"
+            f"{'; ' + decoder.fallback_reason if decoder.fallback_reason else ''}), trigger {p.control_trigger} at "
+            f"{p.control_rate_hz} Hz; DISABLED until ~/enable")
+
+    @property
+    def image_reliability(self):
+        """The camera subscription's reliability now (it follows the publishers)."""
+        return self.image_sub.reliability
 
     # ======================================================================== model
-    def _load(self):
-        ckpt = self._resolve_checkpoint(self._checkpoint_root)
-        return self._load_checkpoint(ckpt, device=self._device).eval(), ckpt
-
     def _reload_done(self, ok: bool, message: str) -> None:  # loader thread
         if ok:  # rclpy fixes a log call site's severity: one call per level
             self.get_logger().info(f"~/reload {message}")
@@ -243,27 +200,15 @@ class PolicyNode(Node):
             self.get_logger().error(f"~/reload {message}")
 
     # ======================================================================== parameters
-    def _check_params(self, v: dict) -> str | None:
-        try:
-            SafetyConfig.from_params(v)
-        except ValueError as exc:
-            return str(exc)
-        n = len(v["default_instruction"].encode("utf-8", "surrogatepass"))
-        if n > v["max_instruction_bytes"]:
-            return f"default_instruction is {n} bytes > max_instruction_bytes {v['max_instruction_bytes']}"
-        return None
-
     def _apply_params(self, changed: dict) -> None:
         with self.runner.lock:  # between steps: the next command uses the new values
             if set(changed) & set(SAFETY_KEYS):
                 self.runner.safety.set_config(SafetyConfig.from_params(vars(self.p)))
             if "explore" in changed:
                 self.runner.explore = bool(changed["explore"])
-            if "torch_num_threads" in changed and changed["torch_num_threads"] > 0:
-                self._torch.set_num_threads(int(changed["torch_num_threads"]))
-            limits = self.obs.limits
-            limits.max_pixels, limits.max_bytes = int(self.p.max_image_pixels), int(self.p.max_image_bytes)
-            self.obs.max_instruction_bytes = int(self.p.max_instruction_bytes)
+            if "torch_num_threads" in changed:
+                self.loader.set_num_threads(changed["torch_num_threads"])
+            self.obs.set_limits(self.p.max_image_pixels, self.p.max_image_bytes, self.p.max_instruction_bytes)
             if "default_instruction" in changed and changed["default_instruction"]:
                 self.obs.set_instruction(changed["default_instruction"])
             if "teleop_yield_s" in changed:
@@ -291,36 +236,6 @@ class PolicyNode(Node):
     def _on_joints(self, msg: JointState) -> None:
         self.obs.set_joints(msg.name, msg.position, self._now())
 
-    def _on_ee_pose(self, msg: PoseStamped) -> None:
-        frame_ok = not msg.header.frame_id or msg.header.frame_id.lstrip("/") == self.p.command_frame.lstrip("/")
-        po, q = msg.pose.position, msg.pose.orientation
-        self.obs.set_ee_pose(np.array([po.x, po.y, po.z]), np.array([q.x, q.y, q.z, q.w]), self._now(), frame_ok)
-
-    def _on_estop(self, msg: Bool) -> None:
-        safety = self.runner.safety
-        if self.p.estop_lost_action == "stop" and safety.set_estop_link(True):  # a message = a live publisher
-            self.get_logger().info("e-stop publisher live")
-        if safety.set_estop(bool(msg.data)):
-            if msg.data:
-                self._stop_motion("estop")
-                self.get_logger().error("E-STOP latched: no commands until false arrives")
-            else:
-                self.get_logger().info("e-stop released")
-
-    def _on_estop_matched(self, info) -> None:
-        self._estop_matched = int(info.current_count)
-        if self._estop_matched == 0:
-            self._estop_lost("no e-stop publisher matched")
-
-    def _on_estop_liveliness(self, info) -> None:
-        if int(info.alive_count) == 0:
-            self._estop_lost("the e-stop publisher lost liveliness")
-
-    def _estop_lost(self, why: str) -> None:
-        if self.p.estop_lost_action == "stop" and self.runner.safety.set_estop_link(False):
-            self._stop_motion("estop_lost")
-            self.get_logger().error(f"{why}: stopped until an e-stop publisher sends its state")
-
     def _on_instruction(self, msg: String) -> None:
         old = self.obs.instruction
         ok, why = self.obs.set_instruction(msg.data)
@@ -328,21 +243,6 @@ class PolicyNode(Node):
             self.get_logger().error(f"instruction refused: {why}", throttle_duration_sec=1.0)
         elif msg.data != old:
             self.get_logger().info(f"instruction: {msg.data!r}")
-
-    def _match_image_qos(self) -> None:
-        want = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}.get(
-            self.p.image_reliability)
-        if want is None:  # auto
-            want = reliability_for(i.qos_profile.reliability for i in self.get_publishers_info_by_topic(
-                self._image_topic)) or self.image_reliability or ReliabilityPolicy.BEST_EFFORT
-        if want == self.image_reliability:
-            return
-        if self._image_sub is not None:
-            self.destroy_subscription(self._image_sub)
-        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=want)
-        self._image_sub = self.create_subscription(self._image_type, self._image_topic, self._on_image, qos)
-        self.image_reliability = want
-        self.get_logger().info(f"{self._image_topic}: {want.name} subscription")
 
     # ======================================================================== services
     def _srv_enable(self, req: SetBool.Request, resp: SetBool.Response):
@@ -372,17 +272,6 @@ class PolicyNode(Node):
         self._moving = False
         self.backend.stop(reason)
 
-    def _ee_from_tf(self) -> None:
-        try:
-            from rclpy.time import Time  # noqa: PLC0415
-
-            tf = self._tf_buffer.lookup_transform(self.p.command_frame, self.p.ee_link, Time())
-        except Exception:  # noqa: BLE001 - not yet available: the precheck counts it
-            return
-        t, q = tf.transform.translation, tf.transform.rotation
-        self.obs.set_ee_pose(np.array([t.x, t.y, t.z]), np.array([q.x, q.y, q.z, q.w]),
-                             stamp_ns(tf.header.stamp) * 1e-9)
-
     def _control_loop(self) -> None:
         log, pacer, runner = self.get_logger(), self._pacer, self.runner
         while not self._stop.is_set():
@@ -390,8 +279,7 @@ class PolicyNode(Node):
             if self._stop.is_set() or not pacer.ready(time.monotonic(), got_frame):
                 continue
             try:
-                if self._tf_buffer is not None:
-                    self._ee_from_tf()
+                self.ee_pose.poll()  # TF only
                 with self.executor_gate.closed(), runner.lock:
                     out = runner.step(self.obs.snapshot(), self._now())
                     if out.command is not None:
@@ -414,7 +302,7 @@ class PolicyNode(Node):
         if not self.backend.send(cmd.delta, cmd.ee_pos, cmd.ee_quat):
             return
         self._moving = True
-        if self.runner.safety.estop_active or not self.runner.safety.estop_link_ok:
+        if self.runner.estopped:
             self._stop_motion("estop")  # latched while this step ran: the stop comes last
             return
         msg = JointState()
@@ -430,30 +318,15 @@ class PolicyNode(Node):
     # ======================================================================== diagnostics
     def stats(self) -> dict:
         """Everything /diagnostics reports, as a dict (also handy in tests and benchmarks)."""
-        return {**self.runner.stats(self._now()), **self.backend.stats(), **dict(self.obs.counters),
-                **self.online.stats(),
-                **dict(self.reloader.counters), "reload_last_result": self.reloader.last_result,
-                "reload_running": self.reloader.running, "instruction": self.obs.instruction,
-                "image_decoder": self.runner.decoder.name, "image_reliability": getattr(
-                    self.image_reliability, "name", ""), "last_image_refusal": self.obs.last_rejection,
-                "max_image_pixels": self.obs.limits.max_pixels, "max_image_bytes": self.obs.limits.max_bytes,
-                "max_instruction_bytes": self.obs.max_instruction_bytes}
+        return {**self.runner.stats(self._now()), **self.backend.stats(), **self.obs.stats(), **self.online.stats(),
+                **self.reloader.stats(), "image_decoder": self.runner.decoder.name,
+                "image_reliability": getattr(self.image_reliability, "name", "")}
 
     def _publish_diagnostics(self) -> None:
         st = self.stats()
-        status = DiagnosticStatus(name=f"{self.get_fully_qualified_name()}: policy", hardware_id=st["checkpoint"])
-        if st["estop"] or not st["estop_link_ok"]:
-            status.level, status.message = DiagnosticStatus.WARN, "e-stop latched" if st["estop"] else "e-stop lost"
-        elif not st["enabled"]:
-            status.level, status.message = DiagnosticStatus.WARN, "disabled (call ~/enable)"
-        else:
-            status.level, status.message = DiagnosticStatus.OK, f"running at {st['command_rate_hz']:.1f} Hz"
-        status.values = [KeyValue(key=k, value=("nan" if isinstance(v, float) and math.isnan(v) else
-                                                f"{v:.3f}" if isinstance(v, float) else str(v)))
-                         for k, v in st.items()]
-        arr = DiagnosticArray(status=[status])
-        arr.header.stamp = self.get_clock().now().to_msg()
-        self._diag_pub.publish(arr)
+        level, message = policy_health(st)
+        self._diag_pub.publish(diagnostic_array(self, f"{self.get_fully_qualified_name()}: policy", level, message,
+                                                st, hardware_id=st["checkpoint"]))
 
     def destroy_node(self):
         self._stop.set()
@@ -470,6 +343,4 @@ def main(args=None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
-    sys.exit(main())
+    raise SystemExit(main())

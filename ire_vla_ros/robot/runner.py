@@ -1,6 +1,7 @@
 """The policy node's control logic without ROS: the newest observations in, one safe command out.
 
     obs = LatestObservations(limits)              # sensor callbacks write here (any thread)
+    loader = PolicyLoader(checkpoint, device)     # policy, ckpt = loader(), at start and on each reload
     runner = PolicyRunner(policy, ckpt, safety, decoder)
     pacer = ControlPacer(period_s, "frame")       # when the control thread acts
     while running:
@@ -28,11 +29,12 @@ from typing import Callable
 import numpy as np
 
 from ire_vla_ros.robot.image_codec import ImageDecodeError, ImageLimits, resize_rgb
-from ire_vla_ros.robot.safety import MotionDelta, Reason, SafetyFilter
+from ire_vla_ros.robot.safety import MotionDelta, Reason, SafetyConfig, SafetyFilter
 from ire_vla_ros.robot.stats import RateMeter, RollingStats
 
 __all__ = ["LatestObservations", "Snapshot", "PolicyRunner", "StepResult", "ControlPacer", "ModelReloader",
-           "Skip", "model_input_size", "checkpoint_location", "metadata_instruction"]
+           "PolicyLoader", "Skip", "model_input_size", "checkpoint_location", "metadata_instruction",
+           "instruction_refusal", "check_policy_params", "policy_health"]
 
 
 class Skip:
@@ -110,11 +112,11 @@ class LatestObservations:
 
     def set_instruction(self, text: str) -> tuple[bool, str]:
         """(accepted, reason). Longer than max_instruction_bytes (UTF-8): refused and counted."""
-        n = len(text.encode("utf-8", "surrogatepass"))
-        if n > self.max_instruction_bytes:
+        refusal = instruction_refusal(text, self.max_instruction_bytes)
+        if refusal is not None:
             with self._cond:
                 self.counters["oversize_instructions"] += 1
-            return False, f"{n} bytes > max_instruction_bytes {self.max_instruction_bytes}"
+            return False, refusal
         with self._cond:
             self._snap.instruction = text
         return True, ""
@@ -135,6 +137,16 @@ class LatestObservations:
         """Wake a waiting control thread (shutdown)."""
         with self._cond:
             self._cond.notify_all()
+
+    def set_limits(self, max_pixels: int, max_bytes: int, max_instruction_bytes: int) -> None:
+        """New limits for the messages that arrive from now on."""
+        self.limits.max_pixels, self.limits.max_bytes = int(max_pixels), int(max_bytes)
+        self.max_instruction_bytes = int(max_instruction_bytes)
+
+    def stats(self) -> dict:
+        return {**dict(self.counters), "instruction": self.instruction, "last_image_refusal": self.last_rejection,
+                "max_image_pixels": self.limits.max_pixels, "max_image_bytes": self.limits.max_bytes,
+                "max_instruction_bytes": self.max_instruction_bytes}
 
     def snapshot(self) -> Snapshot:
         with self._cond:
@@ -235,6 +247,50 @@ def metadata_instruction(ckpt: Path) -> str:
         return ""
 
 
+def instruction_refusal(text: str, max_bytes: int) -> str | None:
+    """Why an instruction is refused (longer than max_bytes in UTF-8), else None."""
+    n = len(text.encode("utf-8", "surrogatepass"))
+    return f"{n} bytes > max_instruction_bytes {max_bytes}" if n > max_bytes else None
+
+
+def check_policy_params(values: dict) -> str | None:
+    """Why a set of policy_node parameter values (by name) is refused as a whole, else None."""
+    try:
+        SafetyConfig.from_params(values)
+    except ValueError as exc:
+        return str(exc)
+    refusal = instruction_refusal(values["default_instruction"], values["max_instruction_bytes"])
+    return None if refusal is None else f"default_instruction is {refusal}"
+
+
+class PolicyLoader:
+    """Loads the policy from the `checkpoint` parameter's location, following its `latest` pointer
+    on every call (at start and on each reload). torch is imported here, not with this module.
+    RuntimeError when torch or the device is missing."""
+
+    def __init__(self, checkpoint: str, device: str = "auto", torch_num_threads: int = 0):
+        try:
+            import torch
+
+            from ire_vla_ros.vla.checkpoint import load_checkpoint, resolve_checkpoint, resolve_device
+        except ImportError as exc:
+            raise RuntimeError(f"the policy needs torch and ire_vla_ros.vla: {exc}") from exc
+        self._torch, self._load_checkpoint, self._resolve_checkpoint = torch, load_checkpoint, resolve_checkpoint
+        self.set_num_threads(torch_num_threads)
+        self.device = resolve_device(device)
+        self.root = checkpoint_location(checkpoint)
+
+    def set_num_threads(self, n: int) -> None:
+        """torch.set_num_threads for CPU inference; 0 leaves torch's choice."""
+        if n > 0:
+            self._torch.set_num_threads(int(n))
+
+    def __call__(self) -> tuple:
+        """(policy in eval mode, the checkpoint directory it came from)."""
+        ckpt = self._resolve_checkpoint(self.root)
+        return self._load_checkpoint(ckpt, device=self.device).eval(), ckpt
+
+
 class PolicyRunner:
     """One policy, one safety filter, the stats. `lock` serialises a step with parameter changes."""
 
@@ -330,6 +386,11 @@ class PolicyRunner:
             image_stamp=obs.image_stamp or 0.0, image_msg=obs.image, ee_pos=obs.ee_pos, ee_quat=obs.ee_quat,
             modified=out.modified))
 
+    @property
+    def estopped(self) -> bool:
+        """E-stop latched or its link down (it can change while a step runs: check again after a send)."""
+        return self.safety.estop_active or not self.safety.estop_link_ok
+
     def sent(self, command: Command, now: float) -> None:
         """Book a command that went out at node time `now`."""
         self.counters["commands_sent"] += 1
@@ -374,6 +435,15 @@ class PolicyRunner:
         }
 
 
+def policy_health(stats: dict) -> tuple[int, str]:
+    """Diagnostic level (0 OK, 1 WARN) and message for a policy node's stats."""
+    if stats["estop"] or not stats["estop_link_ok"]:
+        return 1, "e-stop latched" if stats["estop"] else "e-stop lost"
+    if not stats["enabled"]:
+        return 1, "disabled (call ~/enable)"
+    return 0, f"running at {stats['command_rate_hz']:.1f} Hz"
+
+
 # ---------------------------------------------------------------------------------------------
 # reload
 # ---------------------------------------------------------------------------------------------
@@ -405,6 +475,9 @@ class ModelReloader:
             self._thread = threading.Thread(target=self._work, name="policy_reload", daemon=True)
             self._thread.start()
         return True, "accepted: loading the newest checkpoint in the background"
+
+    def stats(self) -> dict:
+        return {**dict(self.counters), "reload_last_result": self.last_result, "reload_running": self.running}
 
     def join(self, timeout: float | None = None) -> None:
         t = self._thread
