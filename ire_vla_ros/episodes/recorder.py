@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,10 +40,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ire_vla_ros.robot.action_msg import split_action
+from ire_vla_ros.robot.action_msg import resolve_action_spec, split_action
 
 __all__ = ["StampBuffer", "JointStateCache", "Step", "RecorderStats", "EpisodeRecorder", "EpisodeSession",
-           "select_joints", "image_size_problem", "health"]
+           "select_joints", "image_size_problem", "health", "episode_metadata", "json_object", "check_recorder_params"]
 
 NS = 1_000_000_000
 
@@ -202,6 +203,45 @@ def health(status: dict, last: dict) -> tuple[int, str]:
         level, message = 1, status["last_error"][:300]
     last.update(failed=status["episodes_failed"], drops=status["steps_dropped"])
     return level, message
+
+
+def episode_metadata(params: dict, instruction: str, action_names: list[str], joint_names: list[str], *,
+                     recorder: str, episode: int, policy_params: dict | None) -> dict:
+    """Writer metadata of a new episode (built at its first step): the recorder's parameters in force
+    (`params`, by name), the instruction in force and the policy's parameters (None: none received).
+    ValueError when there is no instruction yet or the action_spec setting does not fit the actions."""
+    if not instruction:
+        raise ValueError(f"no instruction yet (topic {params['instruction_topic']} and parameter are empty)")
+    return dict(
+        instruction=instruction, task=params["task"] or instruction, source=params["source"],
+        iteration=int(params["iteration"]), action_spec=resolve_action_spec(params["action_spec"], action_names),
+        joint_names=joint_names, camera_names=(params["camera_name"],),
+        metadata={"recorder": recorder, "action_topic": params["action_topic"], "episode_index": episode,
+                  "recorder_params": dict(params),
+                  "policy_params": policy_params,
+                  "policy_params_note": "" if policy_params is not None else
+                  f"nothing received on {params['policy_params_topic'] or '(off)'}"},
+    )
+
+
+def check_recorder_params(values: dict, action_topic: str, state: str) -> str | None:
+    """Why a set of recorder_node parameter values (by name) is refused, else None. The recorded
+    topic switches only between episodes (`action_topic`: recorded now; `state`: the session's)."""
+    if values["action_topic"] != action_topic and state != "idle":
+        return f"an episode is {state}: stop it before switching topics"
+    for name in ("instruction", "task"):
+        if len(values[name]) > values["max_instruction_chars"]:
+            return f"{name}: longer than max_instruction_chars ({values['max_instruction_chars']})"
+    return None
+
+
+def json_object(text: str, max_chars: int = 100_000) -> dict | None:
+    """`text` parsed as a JSON object; None when it is longer than max_chars, not JSON or not an object."""
+    try:
+        value = json.loads(text) if len(text) <= max_chars else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass
@@ -464,6 +504,7 @@ class EpisodeSession:
         self._seq = 0
         self._reward = 0.0
         self._errors_ns: list[int] = []
+        self._writer_results: collections.deque = collections.deque()
         self.counters = collections.Counter()
         self.reset_episode_counters()
 
@@ -478,6 +519,14 @@ class EpisodeSession:
 
     def set_tolerance(self, tolerance_s: float) -> None:
         self.tolerance_ns = int(tolerance_s * NS)
+
+    def configure(self, *, window_s: float, tolerance_s: float, intervention_hold_s: float,
+                  policy_terms_on_interventions: bool) -> None:
+        """Everything that may change while it runs (a recorder's live parameters); see __init__."""
+        self.set_window(window_s)
+        self.set_tolerance(tolerance_s)
+        self.intervention_hold_ns = int(intervention_hold_s * NS)
+        self.policy_terms_on_interventions = bool(policy_terms_on_interventions)
 
     # inputs -------------------------------------------------------------------------------
     def _before_start(self, t_ns: int) -> bool:
@@ -654,6 +703,22 @@ class EpisodeSession:
             return True, f"episode {self.episode} discarded ({why})"
         return True, (f"episode {self.episode} ({steps} steps, {'success' if success else 'failure'}) "
                       f"saving ({why})")
+
+    def on_writer_result(self, kind: str, payload: Any) -> None:
+        """EpisodeRecorder's `on_result` (writer thread): kept until `writer_results` hands it on."""
+        self._writer_results.append((kind, payload))
+
+    def writer_results(self):
+        """Yield the writer's results since the last call, oldest first, as (kind, message, ended):
+        a "failed" result ends the episode it aborted if that is still the current one (ended True).
+        For the thread that reports them (the node's executor)."""
+        while self._writer_results:
+            kind, payload = self._writer_results.popleft()
+            if kind == "failed":
+                seq, message = payload
+                yield kind, message, self.writer_failed(seq)
+            else:
+                yield kind, str(payload), False
 
     def writer_failed(self, seq: int) -> bool:
         """The writer aborted episode `seq` (disk full, I/O error): stop recording it if it is still

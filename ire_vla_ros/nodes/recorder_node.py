@@ -1,22 +1,18 @@
 """recorder_node: records episodes (camera, joints, instruction, actions, rewards) to the episode store.
 
-ROS glue around `episodes/recorder.py` (pairing by stamp, the episode session, the writer thread)
-and `episodes/safe_writer.py` (h5py in a child process: a full disk aborts the episode, never the
-node). One action message on `action_topic` = one step; see episodes/recorder.py for the pairing
-and reward rules.
+ROS glue around `episodes/recorder.py` (pairing by stamp, the episode session, the writer thread, the
+episode metadata) and `episodes/safe_writer.py` (h5py in a child process: a full disk aborts the episode,
+never the node). One action message on `action_topic` = one step; see episodes/recorder.py for the rules.
 
 Interface
   sub  <image_topic>          sensor_msgs/Image        sensor-data QoS
-  sub  <joint_states_topic>   sensor_msgs/JointState   merged by joint name (arm and gripper may
-                                                       publish separately)
+  sub  <joint_states_topic>   sensor_msgs/JointState   merged by joint name (arm and gripper may publish apart)
   sub  <instruction_topic>    std_msgs/String          transient local
   sub  <action_topic>         sensor_msgs/JointState   one message = one step (robot/action_msg.py)
-  sub  <intervention_topic>   sensor_msgs/JointState   the operator's actions during a policy episode:
-                                                       recorded as intervention steps (step_info)
+  sub  <intervention_topic>   sensor_msgs/JointState   operator actions in a policy episode: intervention steps
   sub  <reward_topic>         std_msgs/Float32
   sub  <episode_end_topic>    std_msgs/Bool            ends the episode with data as its success label
-  sub  <policy_params_topic>  std_msgs/String          JSON, latched: the policy's safety parameters
-                                                       in force, stored in each episode's metadata
+  sub  <policy_params_topic>  std_msgs/String          JSON, latched: policy parameters in force, for episode metadata
   srv  ~/start_episode        std_srvs/Trigger   checks free space, calls `start_services` in order
                                                  (e.g. sim reset, reward_node start), then records
   srv  ~/stop_episode         std_srvs/Trigger   saves the episode, success = `success_on_stop`
@@ -26,9 +22,8 @@ Interface
   pub  ~/status               std_msgs/String    JSON, latched: state, counters, last path / error
   pub  /diagnostics           diagnostic_msgs/DiagnosticArray
 
-Limits (against a flood from the DDS domain), refused and counted: instructions over
-`max_instruction_chars`, images over `max_image_bytes` or with size fields that disagree with their
-data, action messages with over 64 components.
+Limits (against a flood from the DDS domain), refused and counted: instructions over `max_instruction_chars`,
+images over `max_image_bytes` or with size fields that disagree with their data, actions of over 64 components.
 """
 from __future__ import annotations
 
@@ -36,7 +31,7 @@ import collections
 import json
 from pathlib import Path
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from diagnostic_msgs.msg import DiagnosticArray
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import Image, JointState
@@ -44,13 +39,18 @@ from std_msgs.msg import Bool, Float32, String
 from std_srvs.srv import SetBool, Trigger
 
 from ire_vla_ros.diskspace import DiskSpaceError, free_mb, require_free_space
-from ire_vla_ros.episodes.recorder import EpisodeRecorder, EpisodeSession, health, image_size_problem
+from ire_vla_ros.episodes.recorder import (
+    EpisodeRecorder, EpisodeSession, check_recorder_params, episode_metadata, health, image_size_problem,
+    json_object,
+)
+from ire_vla_ros.episodes.safe_writer import WriterProcess
 from ire_vla_ros.nodes.ros_common import (
-    LATCHED_QOS, RELIABLE_QOS, SENSOR_QOS, NodeStartupError, P, bind_live_params, declare_params, run_node,
-    stamp_ns,
+    LATCHED_QOS, RELIABLE_QOS, SENSOR_QOS, P, bind_live_params, declare_params, diagnostic_array, require_choices,
+    run_node, stamp_ns,
 )
 from ire_vla_ros.nodes.service_chain import TriggerChain
-from ire_vla_ros.robot.action_msg import check_action_spec_setting, resolve_action_spec
+from ire_vla_ros.robot.action_msg import check_action_spec_setting
+from ire_vla_ros.robot.image_codec import make_decoder
 
 MAX_ACTION_COMPONENTS = 64
 COMPRESSIONS = ("lzf", "gzip", "none")
@@ -115,25 +115,20 @@ class RecorderNode(Node):
     def __init__(self, **kwargs):
         super().__init__("recorder_node", **kwargs)
         self.p = p = declare_params(self, self.PARAMS)
-        if p.compression not in COMPRESSIONS:
-            raise NodeStartupError(f"compression must be one of {COMPRESSIONS}, got {p.compression!r}")
-        from ire_vla_ros.episodes.safe_writer import WriterProcess
-        from ire_vla_ros.robot.image_codec import make_decoder
-
-        self._results: collections.deque = collections.deque()
+        require_choices(p, {"compression": COMPRESSIONS})
         self._writer_proc = WriterProcess(min_free_mb=p.min_free_mb)
         decode_msg = make_decoder(p.prefer_cv_bridge)
         self.recorder = EpisodeRecorder(
             lambda meta: self._writer_proc.open(p.episodes_dir, meta,
                                                 compression=None if p.compression == "none" else p.compression),
-            max_queue=p.max_queue, camera_name=p.camera_name, on_result=lambda k, v: self._results.append((k, v)),
+            max_queue=p.max_queue, camera_name=p.camera_name,
+            on_result=lambda kind, payload: self.session.on_writer_result(kind, payload),  # writer thread
             decode=lambda image: decode_msg(image) if isinstance(image, Image) else image,
         )
         self.session = EpisodeSession(
             self.recorder, clock_ns=lambda: self.get_clock().now().nanoseconds, make_meta=self._episode_meta,
-            joint_names=p.joint_names, window_s=p.buffer_s, tolerance_s=p.pairing_tolerance_s,
-            max_images=p.max_buffered_images)
-        self._track_interventions()
+            joint_names=p.joint_names, max_images=p.max_buffered_images)
+        self._configure_session()
         self.rejected = collections.Counter()
         self._instruction = p.instruction
         self._policy_params: dict | None = None
@@ -163,7 +158,8 @@ class RecorderNode(Node):
         self.saved_pub = self.create_publisher(String, "~/episode_saved", RELIABLE_QOS)
         self.status_pub = self.create_publisher(String, "~/status", LATCHED_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        bind_live_params(self, self.PARAMS, self.p, check=self._check_params, apply=self._apply_params)
+        bind_live_params(self, self.PARAMS, self.p, apply=self._apply_params,
+                         check=lambda values: check_recorder_params(values, self.p.action_topic, self.session.state))
         self.create_timer(0.05, self._drain_results)
         self.create_timer(p.status_period_s, self._publish_status)
         self._publish_status()
@@ -172,55 +168,30 @@ class RecorderNode(Node):
             f"(source={p.source}, writer pid {self._writer_proc.pid}); call ~/start_episode")
 
     # parameters ------------------------------------------------------------------------------
-    def _check_params(self, values: dict) -> str | None:
-        if values["action_topic"] != self.p.action_topic and self.session.state != "idle":
-            return f"an episode is {self.session.state}: stop it before switching topics"
-        for name in ("instruction", "task"):
-            if len(values[name]) > self.p.max_instruction_chars:
-                return f"{name}: longer than max_instruction_chars ({self.p.max_instruction_chars})"
-        return None
-
     def _apply_params(self, changed: dict) -> None:
         if "action_topic" in changed and changed["action_topic"] != self._action_sub.topic_name:
             self.destroy_subscription(self._action_sub)
             self._action_sub = self.create_subscription(JointState, changed["action_topic"], self._on_action,
                                                         RELIABLE_QOS)
-        if "service_timeout_s" in changed:
-            self._start_chain.timeout_s = float(changed["service_timeout_s"])
-        if "action_topic" in changed or "intervention_hold_s" in changed or "source" in changed:
-            self._track_interventions()
-        if "buffer_s" in changed:
-            self.session.set_window(changed["buffer_s"])
-        if "pairing_tolerance_s" in changed:
-            self.session.set_tolerance(changed["pairing_tolerance_s"])
-        if "min_free_mb" in changed:
-            self._writer_proc.min_free_mb = float(changed["min_free_mb"])
-        if "instruction" in changed and changed["instruction"]:
+        self._start_chain.timeout_s = float(self.p.service_timeout_s)
+        self._writer_proc.min_free_mb = float(self.p.min_free_mb)
+        self._configure_session()
+        if changed.get("instruction"):
             self._instruction = changed["instruction"]
         self.get_logger().info(f"parameters set: {changed}")
 
-    def _track_interventions(self) -> None:
-        """Operator actions count as interventions while another topic (the policy's) is recorded."""
-        on = bool(self.p.intervention_topic) and self.p.intervention_topic != self.p.action_topic
-        self.session.intervention_hold_ns = int(self.p.intervention_hold_s * 1e9) if on else 0
-        self.session.policy_terms_on_interventions = self.p.source != "teleop"
+    def _configure_session(self) -> None:
+        p = self.p  # operator actions count as interventions while another topic (the policy's) is recorded
+        intervening = bool(p.intervention_topic) and p.intervention_topic != p.action_topic
+        self.session.configure(window_s=p.buffer_s, tolerance_s=p.pairing_tolerance_s,
+                               intervention_hold_s=p.intervention_hold_s if intervening else 0.0,
+                               policy_terms_on_interventions=p.source != "teleop")
 
     def _episode_meta(self, action_names: list[str], joint_names: list[str]) -> dict:
         """Writer metadata of a new episode (called at its first step)."""
-        p = self.p
-        if not self._instruction:
-            raise ValueError(f"no instruction yet (topic {p.instruction_topic} and parameter are empty)")
-        return dict(
-            instruction=self._instruction, task=p.task or self._instruction, source=p.source,
-            iteration=int(p.iteration), action_spec=resolve_action_spec(p.action_spec, action_names),
-            joint_names=joint_names, camera_names=(p.camera_name,),
-            metadata={"recorder": self.get_fully_qualified_name(), "action_topic": p.action_topic,
-                      "episode_index": self.session.episode,
-                      "recorder_params": dict(vars(p)),
-                      "policy_params": self._policy_params,
-                      "policy_params_note": "" if self._policy_params is not None else
-                      f"nothing received on {p.policy_params_topic or '(off)'}"},
-        )
+        return episode_metadata(vars(self.p), self._instruction, action_names, joint_names,
+                                recorder=self.get_fully_qualified_name(), episode=self.session.episode,
+                                policy_params=self._policy_params)
 
     # inputs: cache only -------------------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
@@ -247,14 +218,11 @@ class RecorderNode(Node):
         self._instruction = msg.data
 
     def _on_policy_params(self, msg: String) -> None:
-        try:
-            value = json.loads(msg.data) if len(msg.data) <= 100_000 else None
-        except ValueError:
-            value = None
-        if isinstance(value, dict):
-            self._policy_params = value
-        else:
+        value = json_object(msg.data, max_chars=100_000)
+        if value is None:
             self.rejected["policy_params"] += 1
+        else:
+            self._policy_params = value
 
     def _on_action(self, msg: JointState) -> None:
         if len(msg.name) > MAX_ACTION_COMPONENTS:
@@ -280,19 +248,17 @@ class RecorderNode(Node):
             self._publish_status()
             return resp
         missing = self._start_chain.missing()
-        refusal = (f"cannot start: service(s) {missing} not available" if missing
-                   else self.session.request_start())
+        refusal = f"cannot start: service(s) {missing} not available" if missing else self.session.request_start()
         if refusal:
             resp.success, resp.message = False, refusal
-            return resp
-        if not self._start_chain.clients:
+        elif not self._start_chain.clients:
             self._begin_recording()
             resp.success, resp.message = True, f"episode {self.session.episode} recording"
-            return resp
-        self._start_chain.run(self._begin_recording, self._start_failed)  # answers before they have
-        resp.success = True
-        resp.message = (f"episode {self.session.episode + 1} starting: calling {', '.join(self._start_chain.names)}; "
-                        "~/status shows 'recording' when ready")
+        else:
+            self._start_chain.run(self._begin_recording, self._start_failed)  # answers before they have
+            resp.success, resp.message = True, (f"episode {self.session.episode + 1} starting: calling "
+                                                f"{', '.join(self._start_chain.names)}; ~/status shows 'recording' "
+                                                "when ready")
         return resp
 
     def _begin_recording(self) -> None:
@@ -333,41 +299,33 @@ class RecorderNode(Node):
 
     # reporting ---------------------------------------------------------------------------------
     def _drain_results(self) -> None:
-        while self._results:
-            kind, payload = self._results.popleft()
+        for kind, message, ended in self.session.writer_results():
+            if ended:  # a write fault aborted the episode being recorded
+                self._cancel_end_timer()
             if kind == "saved":
-                self.saved_pub.publish(String(data=payload))
-                self.get_logger().info(f"saved {payload}")
+                self.saved_pub.publish(String(data=message))
+                self.get_logger().info(f"saved {message}")
             elif kind == "failed":
-                seq, message = payload
-                if self.session.writer_failed(seq):
-                    self._cancel_end_timer()
                 self.get_logger().error(f"episode aborted: {message}")
             elif kind == "discarded":
-                self.get_logger().warning(str(payload))
+                self.get_logger().warning(message)
             else:
-                self.get_logger().error(str(payload), throttle_duration_sec=1.0)
+                self.get_logger().error(message, throttle_duration_sec=1.0)
             self._publish_status()
 
     def status(self) -> dict:
-        st = self.session.status()
-        st.update(source=self.p.source, iteration=int(self.p.iteration), free_mb=free_mb(self.p.episodes_dir),
-                  min_free_mb=self.p.min_free_mb, writer_pid=self._writer_proc.pid or 0,
-                  writer_restarts=self._writer_proc.restarts,
-                  **{f"rejected_{k}": v for k, v in self.rejected.items()})
-        return st
+        """~/status, also the values of /diagnostics."""
+        return {**self.session.status(), "source": self.p.source, "iteration": int(self.p.iteration),
+                "free_mb": free_mb(self.p.episodes_dir), "min_free_mb": self.p.min_free_mb,
+                "writer_pid": self._writer_proc.pid or 0, "writer_restarts": self._writer_proc.restarts,
+                **{f"rejected_{k}": v for k, v in self.rejected.items()}}
 
     def _publish_status(self) -> None:
         st = self.status()
         self.status_pub.publish(String(data=json.dumps(st)))
         level, message = health(st, self._last)
-        level = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR)[level]
-        arr = DiagnosticArray()
-        arr.header.stamp = self.get_clock().now().to_msg()
-        arr.status = [DiagnosticStatus(
-            level=level, name=f"{self.get_name()}: episode recorder", hardware_id="episode_store",
-            message=message, values=[KeyValue(key=k, value=str(v)) for k, v in st.items()])]
-        self.diag_pub.publish(arr)
+        self.diag_pub.publish(diagnostic_array(self, f"{self.get_name()}: episode recorder", level, message, st,
+                                               hardware_id="episode_store"))
 
     def destroy_node(self):
         # finish what is queued; an unfinished episode is discarded (its .partial file removed)
