@@ -60,6 +60,14 @@ __all__ = [
     "run_node",
     "stamp_to_sec",
     "ROS_ARGS_HELP",
+    "ExecutorGate",
+    "spin",
+    "require_choices",
+    "diagnostic_value",
+    "diagnostic_array",
+    "reliability_for",
+    "ReliabilityMatchedSubscription",
+    "TfLookup",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -260,9 +268,12 @@ def spin(executor, gate: ExecutorGate | None = None) -> None:
     if gate is None:
         executor.spin()
         return
-    while executor.context.ok():
-        if gate.wait_open(0.5):
-            executor.spin_once(timeout_sec=0.5)
+    try:
+        while executor.context.ok():
+            if gate.wait_open(0.5):
+                executor.spin_once(timeout_sec=0.5)
+    except ExternalShutdownException:  # the context was shut down mid-wait: a normal stop
+        pass
 
 
 class NodeStartupError(RuntimeError):
