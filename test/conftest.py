@@ -24,10 +24,26 @@ _counter = iter(range(10_000))
 _RANGE = os.environ.get("IRE_VLA_TEST_DOMAINS", "")
 
 
+# Fast DDS computes ports from the domain id and ends the process (exit 1, the reason only on the
+# captured stderr) for ids over 232: a bad range must fail here, with its reason.
+MAX_DOMAIN_ID = 232
+
+
+def _domain_range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(v) for v in text.split("-"))
+    except ValueError:
+        raise pytest.UsageError(f"IRE_VLA_TEST_DOMAINS={text!r}: expected LO-HI, e.g. 120-140") from None
+    if not 0 <= lo <= hi <= MAX_DOMAIN_ID:
+        raise pytest.UsageError(f"IRE_VLA_TEST_DOMAINS={text!r}: needs 0 <= LO <= HI <= {MAX_DOMAIN_ID} "
+                                f"(Fast DDS ends the process for larger domain ids)")
+    return lo, hi
+
+
 def next_domain_id() -> int:
     """A fresh domain id in 1..101 (or in IRE_VLA_TEST_DOMAINS)."""
     if _RANGE:
-        lo, hi = (int(v) for v in _RANGE.split("-"))
+        lo, hi = _domain_range(_RANGE)
         return lo + (next(_counter) % (hi - lo + 1))
     return 1 + (_BASE_DOMAIN + next(_counter)) % 101
 
@@ -51,3 +67,8 @@ def ros(ros_domain_id):
         yield harness
     finally:
         harness.close()
+
+
+def pytest_configure(config):
+    if _RANGE:
+        _domain_range(_RANGE)  # a bad range stops the run before any test, with its reason
