@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from ire_vla_ros.training.sac import (
     CriticEnsemble, LatentReplay, SACConfig, SACLearner, StaleLatents, add_episode, backbone_tag,
@@ -137,6 +138,24 @@ def test_mixed_batches_take_the_configured_demo_share():
     assert bool(sample_mixed(None, demo, 8, 0.5, gen, "cpu")["is_demo"].all())
 
 
+def test_trimming_trailing_padding_leaves_the_pooled_features_unchanged():
+    from ire_vla_ros.training.sac import trim_padding
+    from ire_vla_ros.vla.heads import TokenLearner
+
+    torch.manual_seed(0)
+    pool = TokenLearner(64, 32, 4)
+    hidden, next_hidden = torch.randn(6, 24, 64), torch.randn(6, 24, 64)
+    mask = torch.zeros(6, 24, dtype=torch.bool)
+    mask[:, :15] = True  # the tiny preset: 8 query + 7 instruction tokens, then padding
+    next_mask = mask.clone()
+    next_mask[2, 17] = True  # one row uses a later position: kept for all rows
+    batch = trim_padding({"hidden": hidden, "next_hidden": next_hidden, "mask": mask, "next_mask": next_mask})
+    assert batch["hidden"].shape[1] == batch["next_mask"].shape[1] == 18
+    with torch.no_grad():
+        torch.testing.assert_close(pool(batch["hidden"], batch["mask"]), pool(hidden, mask))
+        torch.testing.assert_close(pool(batch["next_hidden"], batch["next_mask"]), pool(next_hidden, next_mask))
+
+
 # ----------------------------------------------------------------------------- terminal masks
 def _episode_on_disk(tmp_path, policy, steps, success):
     from ire_vla_ros.episodes.store import EpisodeWriter, read_episode
@@ -257,6 +276,57 @@ def test_critic_members_are_independent_with_their_own_output_layers():
     q = critic(torch.randn(5, 24, 64), torch.ones(5, 24, dtype=torch.bool), torch.randn(5, 9), torch.randn(5, 4))
     assert q.shape == (10, 5)
     assert q.std(0).min() > 1e-4  # members disagree: different initialisations, no shared output
+
+
+def _member_by_member(critic, hidden, mask, state, action):
+    """The ensemble written out the slow way: each member's own MLP on the shared pooled latent."""
+    x = torch.cat([critic.pool(hidden, mask), state, action], dim=-1)
+    l1, n1, _, l2, n2, _, l3 = critic.net
+    out = []
+    for e in range(critic.members):
+        h = torch.relu(nn.functional.layer_norm(x @ l1.weight[e] + l1.bias[e], (l1.weight.shape[2],)) * n1.weight[e] + n1.bias[e])
+        h = torch.relu(nn.functional.layer_norm(h @ l2.weight[e] + l2.bias[e], (l2.weight.shape[2],)) * n2.weight[e] + n2.bias[e])
+        out.append((h @ l3.weight[e] + l3.bias[e]).squeeze(-1))
+    return torch.stack(out)
+
+
+def test_vectorized_ensemble_equals_member_by_member_in_value_and_gradient():
+    """One GEMM for all members' first layer, batched matmuls after it, and a member subset for the
+    TD target: the same Q values and weight gradients as running each member on its own."""
+    torch.manual_seed(0)
+    critic = CriticEnsemble(64, 9, 4, width=32, num_queries=2, members=5, hidden=16)
+    args = (torch.randn(7, 24, 64), torch.ones(7, 24, dtype=torch.bool), torch.randn(7, 9), torch.randn(7, 4))
+    q = critic(*args)
+    slow = _member_by_member(critic, *args)
+    torch.testing.assert_close(q, slow, atol=1e-5, rtol=1e-5)
+    members = torch.tensor([3, 1])
+    torch.testing.assert_close(critic(*args, members=members), slow[members], atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(q.pow(2).sum(), list(critic.parameters()))
+    slow_grads = torch.autograd.grad(_member_by_member(critic, *args).pow(2).sum(), list(critic.parameters()))
+    for g, s in zip(grads, slow_grads):
+        torch.testing.assert_close(g, s, atol=1e-4, rtol=1e-4)
+
+
+def test_td_target_is_the_min_over_two_sampled_target_members():
+    learner = _learner(num_critics=6, mc_lower_bound=False, gamma=0.5)
+    with torch.no_grad():
+        learner.target_critic.net[-1].bias.copy_(torch.arange(6.0).view(6, 1, 1) * 10.0)  # members far apart
+        learner.target_critic.net[-1].weight.zero_()
+    # target = 0.5 * min of 2 random members of {0, 10, ..., 50}: one of 0, 5, ..., 20 (50 is never a
+    # min of two), and not always 0 (the min over all members)
+    values = {critic_loss(learner, _batch(learner), learner.cfg)[1]["td_target_mean"] for _ in range(20)}
+    assert values <= {0.0, 5.0, 10.0, 15.0, 20.0} and len(values) > 1
+
+
+def test_actor_loss_gives_no_gradient_to_the_critic():
+    from ire_vla_ros.training.sac import actor_loss
+
+    learner = _learner()
+    loss, _, _ = actor_loss(learner, _batch(learner, is_demo=True), learner.cfg, bc_weight=0.5)
+    loss.backward()
+    assert all(p.grad is None for p in learner.critic.parameters())  # the Q term only moves the action
+    assert learner.policy.actor.mlp[-1].weight.grad.abs().sum() > 0
+    assert all(p.requires_grad for p in learner.critic.parameters())  # the critic trains on afterwards
 
 
 def test_temperature_rises_when_entropy_is_below_target():

@@ -208,7 +208,12 @@ class SACCollector(_EpisodeBookkeeping):
                 ended[i] = (list(self.records[i].rewards), success)
                 self._finish_episode(i, env, success)
                 resets[i] = env.reset(seed=next(self.seeds))
-        next_hidden, next_mask = self._encode(policy, next_obs)
+        # One backbone call for the next frames and the frames of the envs that were just reset
+        # (the first frame of their next episode): a batch of 8-10 instead of two calls.
+        idx = sorted(resets)
+        all_hidden, all_mask = self._encode(policy, next_obs + [resets[i] for i in idx])
+        n_envs = len(self.envs)
+        next_hidden, next_mask = all_hidden[:n_envs], all_mask[:n_envs]
         slots = replay.add(hidden=hidden, mask=mask, state=state_n, action=a_n, reward=torch.tensor(rewards),
                            done=torch.tensor(dones), next_hidden=next_hidden, next_mask=next_mask,
                            next_state=policy.normalize_state(np.stack([o.state for o in next_obs])),
@@ -222,10 +227,8 @@ class SACCollector(_EpisodeBookkeeping):
             self.slots[i] = []
         self.obs = [resets.get(i, o) for i, o in enumerate(next_obs)]
         if resets:
-            idx = sorted(resets)
-            h, m = self._encode(policy, [resets[i] for i in idx])
             next_hidden, next_mask = next_hidden.clone(), next_mask.clone()
-            next_hidden[idx], next_mask[idx] = h, m
+            next_hidden[idx], next_mask[idx] = all_hidden[n_envs:], all_mask[n_envs:]
         self.latents = (next_hidden, next_mask)
         return len(self.envs)
 
