@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                    "curve": stats["curve"], "final": stats["curve"][-1], "train_episodes": stats["episodes"],
                    "train_successes": stats["successes"],
                    "train_log": [{k: u[k] for k in u if k in ("env_steps", "train_success_rate", "q_mean", "alpha",
-                                                              "bc_weight", "critic_loss", "v_loss")} for u in stats["updates"]]}
+                                                              "bc_weight", "critic_loss", "v_loss", "log_std")} for u in stats["updates"]]}
             res["gain"] = res["final"]["success_rate"] - entry["stage0"]["success_rate"]
             print(f"[{task}] {algo}: {res['final']['success_rate']:.2f} ({res['gain']:+.2f}) in {res['seconds']:.0f}s", flush=True)
             if args.stage2:

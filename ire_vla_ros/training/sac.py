@@ -512,7 +512,8 @@ def actor_loss(learner: "SACLearner", batch: dict, cfg: SACConfig, bc_weight: fl
         reg = ((head_out - pre_squash(policy, target)).pow(2).sum(-1) * weight).mean()
         loss = loss + bc_weight * reg
     return loss, logp.detach(), {"actor_loss": loss.item(), "q_pi": q.mean().item(), "logp": logp.mean().item(),
-                                 "bc_reg": reg.item(), "bc_weight": bc_weight}
+                                 "bc_reg": reg.item(), "bc_weight": bc_weight,
+                                 "log_std": policy.actor.log_std.mean().item()}  # exploration noise (entropy term moves it)
 
 
 def unit_action(policy: VLAPolicy, a_n: torch.Tensor) -> torch.Tensor:
