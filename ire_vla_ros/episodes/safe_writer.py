@@ -269,14 +269,17 @@ class WriterProcess:
         deadline = time.monotonic() + self.reply_timeout_s
         pause = 0.0005  # growing to 4 ms: the other slots keep the child busy meanwhile
         while ring.produced - int(ring.consumed[0]) >= ring.slots:
-            if not self.alive:
-                raise EpisodeWriteError(self._death())
-            if time.monotonic() >= deadline:
-                self.kill()
-                raise EpisodeWriteError(f"episode writer process took more than {self.reply_timeout_s:.0f} s "
-                                        f"for one step (killed)")
+            self._give_up_if_stuck(deadline, f"took more than {self.reply_timeout_s:.0f} s for one step")
             time.sleep(pause)
             pause = min(0.004, 2 * pause)
+
+    def _give_up_if_stuck(self, deadline: float, what: str) -> None:
+        """While waiting on the child: EpisodeWriteError if it died, or (killing it) once `deadline` passed."""
+        if not self.alive:
+            raise EpisodeWriteError(self._death())
+        if time.monotonic() >= deadline:
+            self.kill()
+            raise EpisodeWriteError(f"episode writer process {what} (killed)")
 
     def poll_fault(self) -> str | None:
         """A fault the child reported since the last call (non-blocking), else None."""
@@ -298,12 +301,7 @@ class WriterProcess:
         try:
             while True:
                 if not conn.poll(min(1.0, max(0.0, deadline - time.monotonic()))):
-                    if not self.alive:
-                        raise EpisodeWriteError(self._death())
-                    if time.monotonic() >= deadline:
-                        self.kill()
-                        raise EpisodeWriteError(f"episode writer process did not answer within "
-                                                f"{self.reply_timeout_s:.0f} s (killed)")
+                    self._give_up_if_stuck(deadline, f"did not answer within {self.reply_timeout_s:.0f} s")
                     continue
                 msg = _recv(conn)
                 if msg["op"] != "fault":

@@ -303,7 +303,7 @@ class PolicyNode(Node):
             return
         self._moving = True
         if self.runner.estopped:
-            self._stop_motion("estop")  # latched while this step ran: the stop comes last
+            self._stop_motion("estop")  # latched during the step (an executor without the gate): stop last
             return
         msg = JointState()
         msg.header.stamp, msg.header.frame_id = cmd.image_msg.header.stamp, self.p.command_frame

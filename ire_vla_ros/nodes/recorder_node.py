@@ -105,7 +105,7 @@ class RecorderNode(Node):
         "max_queue": P(64, "Steps buffered for the writer thread; more are dropped (and counted)",
                        min=1, max=4096, read_only=True),
         "compression": P("lzf", "Image compression: lzf | gzip | none", read_only=True,
-                         validate=lambda v: None if v in COMPRESSIONS else f"must be one of {COMPRESSIONS}"),
+                         constraints="one of lzf, gzip, none"),  # read-only: checked at start-up
         "prefer_cv_bridge": P(False, "Decode images with cv_bridge when it imports", read_only=True),
         "status_period_s": P(1.0, "Period of ~/status and /diagnostics", min=0.05, read_only=True),
         "max_instruction_chars": P(2000, "Longer instructions are refused", min=1, max=100_000, read_only=True),
