@@ -218,8 +218,9 @@ def test_reliability_follows_the_publishers(ros):
 
     camera.create_publisher(String, "/parts/image", QoSProfile(depth=1, reliability=R))
     wait_for(lambda: matched(R), 10, "a RELIABLE subscription for the one RELIABLE publisher")
-    assert [i.qos_profile.reliability for i in node.get_subscriptions_info_by_topic("/parts/image")
-            if i.node_name == "parts_host"] == [R]  # re-created, not added
+    # re-created, not added (the graph shows the destroyed one for a moment: wait for it to go)
+    wait_for(lambda: [i.qos_profile.reliability for i in node.get_subscriptions_info_by_topic("/parts/image")
+                      if i.node_name == "parts_host"] == [R], 10, "one RELIABLE subscription in the graph")
     camera.create_publisher(String, "/parts/image", QoSProfile(depth=1, reliability=B))
     wait_for(lambda: matched(B), 10, "BEST_EFFORT once a best-effort publisher joins")
 
