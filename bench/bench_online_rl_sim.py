@@ -12,6 +12,12 @@ the recorder saves goes to the learner; new heads swap in between episodes.
 Result: success rate of the last 20 episodes vs the first 20, the curve (PNG) and the head versions
 per episode, machine load. bench/results/<name>.json + .png.
 
+Those episodes explore (the head's stochastic actions): their success mixes learning with the
+exploration noise the temperature sets. So the head the policy runs is also copied every
+--heldout-every-min minutes and, after the run (ROS closed), evaluated with deterministic actions on
+--heldout-episodes held-out seeds in plain Metaworld (the settings of bench_stage1_sparse.py:
+--config's env, 75-decision limit): the same measure as the offline benchmark, per wall-clock minute.
+
 Full run (the lead, quiet machine, ~35 min on 2 cores):
   python bench/bench_online_rl_sim.py --minutes 30 --demos 20
 Smoke (~2 min): python bench/bench_online_rl_sim.py --minutes 0.5 --demos 2 --max-steps 20 --window 2 \\
@@ -159,7 +165,7 @@ def rate(xs) -> float | None:
     return round(sum(xs) / len(xs), 3) if xs else None
 
 
-def plot(path: Path, rows: list[dict], window: int, task: str) -> None:
+def plot(path: Path, rows: list[dict], window: int, task: str, heldout: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,6 +178,9 @@ def plot(path: Path, rows: list[dict], window: int, task: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(t, roll, label=f"success, last {window} episodes")
     ax.scatter(t, s, s=6, alpha=0.3, label="episode success")
+    if heldout:
+        ax.plot([h["minute"] for h in heldout], [h["success_rate"] for h in heldout], "o-", color="C3",
+                label=f"held-out, deterministic ({heldout[0]['episodes']} episodes)")
     ax2 = ax.twinx()
     ax2.step(t, [r["head_version"] for r in rows], where="post", color="gray", alpha=0.6, label="head version")
     ax.set_xlabel("wall clock (min)")
@@ -201,6 +210,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stage2", action="store_true", help="after stopping: offline iteration + reload (timed)")
     ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
                     help="offline iteration (--stage2) config override, e.g. sac.offline_updates=500 (repeatable)")
+    ap.add_argument("--heldout-every-min", type=float, default=5.0,
+                    help="copy the running head this often for the held-out evaluation (0: none)")
+    ap.add_argument("--heldout-episodes", type=int, default=40, help="held-out episodes per copied head")
+    ap.add_argument("--config", type=Path, default=ROOT / "config" / "demo.yaml",
+                    help="env settings of the held-out evaluation (as bench_stage1_sparse.py)")
     ap.add_argument("--work", type=Path, help="working directory (default: a temp dir, removed)")
     ap.add_argument("--domain", type=int, default=int(os.environ.get("ROS_DOMAIN_ID", "77")))
     ap.add_argument("--name", default="online_rl_sim")
@@ -241,7 +255,8 @@ def main(argv=None) -> int:
         assert rig.call(SetBool, "/policy_node/enable", SetBool.Request(data=True)).success
         t_online = time.monotonic()
         commands0 = rig.policy.stats()["commands_sent"]
-        rows = []
+        rows, heads = [], []  # heads: (minute, version, copied snapshot path) for the held-out evaluation
+        heads_dir, kept = work / "checkpoints" / "heads", work / "heldout_heads"
         while time.monotonic() - t_online < args.minutes * 60 or len(rows) < 2 * args.window and \
                 time.monotonic() - t_online < args.minutes * 60 * 2:
             version = rig.policy.online.swapper.version
@@ -251,6 +266,9 @@ def main(argv=None) -> int:
                          "head_version": version, "t_end_s": round(time.monotonic() - t_online, 1)})
             print(f"episode {len(rows)}: success {info.success} steps {info.n_steps} head v{version} "
                   f"t {rows[-1]['t_end_s']} s", flush=True)
+            minute = rows[-1]["t_end_s"] / 60.0
+            if args.heldout_every_min > 0 and minute >= args.heldout_every_min * (len(heads) + 1):
+                heads.append(copy_running_head(heads_dir, kept, minute, version))
         online_s = time.monotonic() - t_online
         commands = rig.policy.stats()["commands_sent"] - commands0
         assert rig.call(SetBool, "/policy_node/enable", SetBool.Request(data=False)).success
@@ -290,9 +308,56 @@ def main(argv=None) -> int:
         write_result(args.name, result)
     finally:
         rig.close()
+    try:
+        if heads:
+            result["heldout"] = evaluate_heads(ckpt0, [h for h in heads if h is not None], args)
+            print("held-out (deterministic):", [(h["minute"], h["success_rate"]) for h in result["heldout"]], flush=True)
+            plot(RESULTS / f"{args.name}.png", rows, args.window, args.task, result["heldout"])
+            write_result(args.name, result)
+    finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def copy_running_head(heads_dir: Path, kept: Path, minute: float, version: int) -> dict | None:
+    """Copies the snapshot the policy runs now (version 0: the checkpoint's own head, nothing to copy)."""
+    if version <= 0:
+        return {"minute": round(minute, 2), "version": 0, "path": None}
+    src = heads_dir / f"head-{version:06d}.safetensors"
+    if not src.is_file():  # the learner keeps its last few; the running one is among them
+        print(f"held-out copy skipped: {src} is gone", flush=True)
+        return None
+    kept.mkdir(parents=True, exist_ok=True)
+    dst = kept / src.name
+    shutil.copy2(src, dst)
+    return {"minute": round(minute, 2), "version": version, "path": str(dst)}
+
+
+def evaluate_heads(ckpt0: Path, heads: list[dict], args) -> list[dict]:
+    """Stage 0 and each copied head, deterministic actions, the same held-out seeds for all."""
+    import torch
+
+    from ire_vla_ros.sim.metaworld_env import heldout_seeds
+    from ire_vla_ros.training.config import load_iterate_config
+    from ire_vla_ros.training.rollout import evaluate, make_envs
+    from ire_vla_ros.vla.checkpoint import load_checkpoint
+
+    torch.set_num_threads(1)
+    cfg = load_iterate_config(args.config, {})
+    envs, seeds = make_envs([args.task], 8, cfg.env), heldout_seeds(args.heldout_episodes)
+    out = []
+    for h in [{"minute": 0.0, "version": 0, "path": None}] + heads:
+        policy = load_checkpoint(ckpt0)
+        if h["path"]:
+            policy.load_head_snapshot(h["path"])
+        t = time.perf_counter()
+        r = evaluate(policy, envs, seeds)[args.task]
+        out.append({"minute": h["minute"], "version": h["version"], "success_rate": r["success_rate"],
+                    "successes": r["successes"], "episodes": r["episodes"], "seconds": round(time.perf_counter() - t, 1)})
+    for env in envs:
+        env.close()
+    return out
 
 
 if __name__ == "__main__":

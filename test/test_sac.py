@@ -355,6 +355,17 @@ def test_updates_move_the_head_and_critic_but_never_the_backbone():
     assert any(not torch.equal(p, t) for p, t in zip(learner.target_critic.parameters(), target))
 
 
+def test_exploration_noise_stays_under_max_log_std():
+    replay = LatentReplay(1 << 22, 24, 64, 9, 2, tag="t")
+    replay.add(**_transitions(32, tokens=24, width=64, S=9, A=2), tag="t")
+    for cap, expect_capped in ((-1.0, True), (None, False)):
+        learner = _learner(max_log_std=cap, lr_actor=0.5)  # a big step: the entropy term raises the noise
+        learner.log_alpha.data.fill_(math.log(10.0))
+        learner.train(replay, replay, 2)
+        log_std = learner.policy.actor.log_std
+        assert (log_std.max().item() <= -1.0) == expect_capped, log_std
+
+
 def test_frozen_actor_pool_stays_as_stage0_left_it():
     learner = _learner(actor_train_pool=False)
     replay = LatentReplay(1 << 22, 24, 64, 9, 2, tag="t")

@@ -38,7 +38,15 @@ With 2 members and utd 1 (8192 updates in 12 min) held-out success went 0.42 -> 
 the defaults `num_critics: 2`, `utd: 1`. Tried from there (same Stage 0, 40 held-out episodes, +-0.08):
 `actor_objective: awac` 0.42 -> 0.50 -> 0.38; `target_entropy: -4` (SAC's -|A|) 0.42 -> 0.50 -> 0.47:
 neither kept. In every run the stochastic training success fell in the second half (0.5 -> 0.35)
-while `bc_weight` annealed to its floor. The GPU (or a real VLM's encoder cost) changes this balance.
+while `bc_weight` annealed to its floor. Session 7 separated the suspects (same Stage 0, 8192
+decisions; `stage1_sparse_tuning_button_press_*.json`): no anneal (`bc_weight_final: 0.4`)
+0.42 -> 0.50 -> 0.50, training success still fell (0.53 -> 0.38): not the anneal. What rises in every
+run is the temperature (0.011 -> 0.019): the demo actions saturate tanh, so the squashed entropy stays
+under its target whatever the noise, and alpha climbs. Bounding the noise (`max_log_std`) leaves alpha
+free to climb further: -0.5 gave 0.42 -> 0.50 -> 0.53 (alpha 0.019), -1.0 collapsed to 0.25 at 8k
+(alpha 0.027; training success 0.62 at 5k, then 0.35), consistent with the entropy term pushing the
+means off saturation (a slower arm). Next to try: a fixed temperature, or the target entropy measured
+on the pre-squash Gaussian. The GPU (or a real VLM's encoder cost) changes the time balance.
 """
 from __future__ import annotations
 
@@ -93,6 +101,10 @@ class SACConfig:
     grad_clip: float = 10.0
     learning_starts: int = 0  # online transitions before updates start (the demo buffer is full already)
     init_log_std: float = -1.0  # exploration noise (pre-squash units) at the start of Stage 1
+    # Upper bound on that noise (None: only the head's own clamp at 1.0): a safety bound on how far a
+    # real arm may wander while exploring. The temperature keeps raising the noise where the demo
+    # actions saturate tanh; under the bound it raises alpha instead (measured, docstring: -1.0 hurt).
+    max_log_std: float | None = None
     # Making it learn on small data (see module docstring):
     distill_steps: int = 300  # clip head -> tanh head, on the demo latents (0 if the head is tanh already)
     critic_pretrain_steps: int = 1000  # critic-only updates on the demo buffer before any rollout
@@ -621,6 +633,9 @@ class SACLearner:
             loss.backward()
             nn.utils.clip_grad_norm_(self.actor_opt.param_groups[0]["params"], cfg.grad_clip)
             self.actor_opt.step()
+            if cfg.max_log_std is not None:
+                with torch.no_grad():
+                    self.policy.actor.log_std.clamp_(max=cfg.max_log_std)
             a_loss = temperature_loss(self.log_alpha, logp, self.target_entropy)
             self.alpha_opt.zero_grad(set_to_none=True)
             a_loss.backward()
