@@ -15,6 +15,9 @@ Full run (the lead, quiet machine; SACfD with config/demo.yaml's defaults (2 cri
 ~12 min per 8192 decisions at load ~2 with one torch thread, so ~25 min per task at 16384; PPO not timed here):
   python bench/bench_stage1_sparse.py --tasks button-press-topdown-v3 plate-slide-v3 drawer-open-v3 \\
       --algos sac ppo --env-steps 16384 --eval-every 4096 --eval-episodes 40 --stage2
+Runs made separately from the same cached Stage 0s (e.g. PPO later, or one task at a larger budget)
+combine into one table and figure: --merge a.json b.json [...] --name stage1_sparse (an algo whose
+budget differs from the first file's is keyed "<algo>_<env steps>").
 Smoke (< 1 min): --tasks button-press-topdown-v3 --algos sac --env-steps 64 --eval-episodes 2 \\
       --demos 2 --set sac.critic_pretrain_steps=5 --set sac.distill_steps=5 --name smoke
 """
@@ -56,7 +59,14 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. sac.utd=2")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_stage1_sparse", help="demos and episodes")
     ap.add_argument("--name", default="stage1_sparse_sac_vs_ppo")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="RESULT_JSON",
+                    help="combine these results (same Stage 0 and held-out seeds per task) instead of running")
     args = ap.parse_args(argv)
+    if args.merge:
+        out = merge_results([json.loads(f.read_text()) for f in args.merge], [str(f) for f in args.merge])
+        write_result(args.name, out)
+        plot(out, RESULTS / f"{args.name}.png")
+        return 0
 
     import numpy as np
     import torch
@@ -163,6 +173,28 @@ def main(argv=None) -> int:
     write_result(args.name, out)
     plot(out, RESULTS / f"{args.name}.png")
     return 0
+
+
+def merge_results(results: list[dict], names: list[str]) -> dict:
+    """One table from several runs: per task, every algo of every run, refusing mismatched baselines."""
+    base = results[0]
+    out = {**{k: v for k, v in base.items() if k != "tasks"}, "merged_from": names, "tasks": {},
+           "runs": [{"file": n, "env_steps": r["env_steps"], "overrides": r["overrides"], "machine": r["machine"],
+                     "total_seconds": r.get("total_seconds"), "loadavg_end": r.get("loadavg_end")}
+                    for n, r in zip(names, results)]}
+    for name, r in zip(names, results):
+        if (r["eval_seeds"], r["eval_episodes"]) != (base["eval_seeds"], base["eval_episodes"]):
+            raise SystemExit(f"{name}: held-out seeds {r['eval_seeds']} x {r['eval_episodes']} differ from {names[0]}'s")
+        for task, entry in r["tasks"].items():
+            have = out["tasks"].setdefault(task, {"checkpoint": entry["checkpoint"], "stage0": entry["stage0"], "algos": {}})
+            if Path(have["checkpoint"]).name != Path(entry["checkpoint"]).name:
+                raise SystemExit(f"{name}: {task} starts from {entry['checkpoint']}, not {have['checkpoint']}")
+            for algo, res in entry["algos"].items():
+                key = algo if r["env_steps"] == base["env_steps"] else f"{algo}_{r['env_steps']}"
+                if key in have["algos"]:  # the same algo and budget twice: name the run
+                    key = f"{key}_{Path(name).stem}"
+                have["algos"][key] = res
+    return out
 
 
 def plot(out: dict, path: Path) -> None:
