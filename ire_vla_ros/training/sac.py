@@ -39,14 +39,15 @@ the defaults `num_critics: 2`, `utd: 1`. Tried from there (same Stage 0, 40 held
 `actor_objective: awac` 0.42 -> 0.50 -> 0.38; `target_entropy: -4` (SAC's -|A|) 0.42 -> 0.50 -> 0.47:
 neither kept. In every run the stochastic training success fell in the second half (0.5 -> 0.35)
 while `bc_weight` annealed to its floor. Session 7 separated the suspects (same Stage 0, 8192
-decisions; `stage1_sparse_tuning_button_press_*.json`): no anneal (`bc_weight_final: 0.4`)
-0.42 -> 0.50 -> 0.50, training success still fell (0.53 -> 0.38): not the anneal. What rises in every button-press
-run is the temperature (0.011 -> 0.019): the demo actions saturate tanh, so the squashed entropy stays
-under its target whatever the noise, and alpha climbs (on button-press; it falls on the other two tasks). Bounding the noise (`max_log_std`) leaves alpha
-free to climb further: -0.5 gave 0.42 -> 0.50 -> 0.53 (alpha 0.019), -1.0 collapsed to 0.25 at 8k
-(alpha 0.027; training success 0.62 at 5k, then 0.35), consistent with the entropy term pushing the
-means off saturation (a slower arm). Next to try: a fixed temperature, or the target entropy measured
-on the pre-squash Gaussian. The GPU (or a real VLM's encoder cost) changes the time balance.
+decisions; `stage1_sparse_tuning_button_press_*.json`): no anneal (`bc_weight_final: 0.4`) 0.42 ->
+0.50 -> 0.50, training success still fell (0.53 -> 0.38): not the anneal. What rises in every
+button-press run is the temperature (0.011 -> 0.019): the demo actions saturate tanh, so the
+squashed entropy stays under its target whatever the noise, and alpha climbs (on button-press; it
+falls on the other two tasks). Bounding the noise (`max_log_std`) leaves alpha free to climb
+further: -0.5 gave 0.42 -> 0.50 -> 0.53 (alpha 0.019), -1.0 collapsed to 0.25 at 8k (alpha 0.027;
+training success 0.62 at 5k, then 0.35), consistent with the entropy term pushing the means off
+saturation (a slower arm). Next to try: a fixed temperature, or the target entropy measured on the
+pre-squash Gaussian. The GPU (or a real VLM's encoder cost) changes the time balance.
 """
 from __future__ import annotations
 
