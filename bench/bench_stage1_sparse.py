@@ -212,10 +212,11 @@ def plot(out: dict, path: Path) -> None:
             x = [c["env_steps"] for c in res["curve"]]
             y = np.array([c["success_rate"] for c in res["curve"]])
             n = np.array([max(c["episodes"], 1) for c in res["curve"]])
-            ax.errorbar(x, y, yerr=np.sqrt(y * (1 - y) / n), marker="o", capsize=3, label=algo.upper())
+            label = algo.upper().replace("_", " @ ", 1)  # "sac_16384": a merged run at another budget
+            ax.errorbar(x, y, yerr=np.sqrt(y * (1 - y) / n), marker="o", capsize=3, label=label)
             if "stage2" in res:
                 ax.plot([x[-1]], [res["stage2"]["success_rate"]], marker="*", markersize=12, linestyle="none",
-                        label=f"{algo.upper()} + Stage 2")
+                        label=f"{label} + Stage 2")
         ax.axhline(entry["stage0"]["success_rate"], color="gray", linestyle="--", label="Stage 0")
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("env steps (decisions)")
