@@ -45,9 +45,12 @@ button-press run is the temperature (0.011 -> 0.019): the demo actions saturate 
 squashed entropy stays under its target whatever the noise, and alpha climbs (on button-press; it
 falls on the other two tasks). Bounding the noise (`max_log_std`) leaves alpha free to climb
 further: -0.5 gave 0.42 -> 0.50 -> 0.53 (alpha 0.019), -1.0 collapsed to 0.25 at 8k (alpha 0.027;
-training success 0.62 at 5k, then 0.35), consistent with the entropy term pushing the means off
-saturation (a slower arm). Next to try: a fixed temperature, or the target entropy measured on the
-pre-squash Gaussian. The GPU (or a real VLM's encoder cost) changes the time balance.
+training success 0.62 at 5k, then 0.35), and a fixed temperature (`lr_temperature: 0`, alpha 0.01)
+gave 0.42 -> 0.47 -> 0.45 with the same dip in training success (0.53 -> 0.38 -> 0.45): neither the
+anneal, the noise nor the temperature alone explains it. The critic's mean Q falls with the training
+success in every run (0.69 -> 0.54). drawer-open at 16,384 decisions: 0.38 -> 0.53 (its training
+success rose to 0.55 late), so more decisions help there. The GPU (or a real VLM's encoder cost)
+changes the time balance.
 """
 from __future__ import annotations
 
