@@ -125,6 +125,33 @@ def _session(tmp_path, results, **kw):
     return rec, now, EpisodeSession(rec, clock_ns=lambda: now["ns"], make_meta=meta, **kw)
 
 
+def test_saved_paths_are_absolute_when_the_store_is_relative(tmp_path, monkeypatch):
+    """`~/episode_saved` goes to other processes (the online learner, run in the trainer's
+    working_dir): a relative store path would name another file there. Measured: with
+    `--episodes runs/ep` every policy episode was rejected by the learner."""
+    from ire_vla_ros.paths import confine
+
+    monkeypatch.chdir(tmp_path)
+    results = []
+    rec = EpisodeRecorder(lambda meta: EpisodeWriter(Path("runs") / "ep", **meta), max_queue=64,
+                          on_result=lambda k, v: results.append((k, v)))
+    s = EpisodeSession(rec, clock_ns=lambda: 10**12, joint_names=["a"], make_meta=lambda a, j: dict(
+        instruction="reach", task="reach", source="policy", action_spec=METAWORLD_4D, joint_names=j,
+        camera_names=("main",)))
+    assert s.request_start() is None
+    s.begin_recording()
+    s.add_joints(10**12, ["a"], [0.0])
+    s.add_image(10**12, np.zeros((4, 4, 3), np.uint8))
+    assert s.on_action(10**12, ACTION_NAMES, [0.1, 0, 0, 1]) is None
+    assert s.finish(True, "test")[0]
+    assert rec.flush(10.0) and results[-1][0] == "saved", results
+    saved = Path(results[-1][1])
+    assert saved.is_absolute() and saved.is_file()
+    monkeypatch.chdir("/")  # the learner's view: another working directory, the root made absolute
+    assert confine(tmp_path / "runs" / "ep", str(saved)) == saved.resolve()
+    rec.close()
+
+
 def test_session_pairs_500_hz_joints_with_old_image_stamps(tmp_path):
     """Joints at 500 Hz, camera at 30 Hz, the policy acting on images 0.03-0.5 s old: each step gets
     the joints of its image's time (error <= 1 ms), not the newest; a step whose joints are stale

@@ -211,7 +211,7 @@ TINY_TRAINING = ["--set", "sft.steps=10", "--set", "sft.batch_size=8", "--set", 
                  "--set", "torch_threads=1", "--set", "sac.offline_updates=20", *[x for s in FAST for x in ("--set", s)]]
 
 
-def test_online_rl_through_ros_episodes_heads_interventions_stop_reload(ros, tmp_path):
+def test_online_rl_through_ros_episodes_heads_interventions_stop_reload(ros, tmp_path, monkeypatch):
     from sensor_msgs.msg import JointState
     from std_msgs.msg import String
     from std_srvs.srv import SetBool, Trigger
@@ -230,16 +230,19 @@ def test_online_rl_through_ros_episodes_heads_interventions_stop_reload(ros, tmp
     ckpt0 = make_tiny_checkpoint(root)
     for k in range(2):  # the demo buffer's demonstrations (recording them is test_closed_loop_sim's part)
         _episode(episodes / "teleop", "teleop", 8, seed=k, success=True)
+    # The nodes get relative directories, as `ire-vla bringup sim --episodes runs/ep` passes them:
+    # the saved-episode paths must still name the same files for the learner (a bug, measured).
+    monkeypatch.chdir(tmp_path)
     ros.add(SimNode, task=TASK, rate_hz=10.0, seed=0)
     ros.add(TeleopNode, mode="scripted_expert", action_spec="metaworld_4d", rate_hz=10.0, frame_id="world",
             enabled=False)
-    policy = ros.add(PolicyNode, checkpoint=str(root), device="cpu", torch_num_threads=1, control_rate_hz=10.0,
+    policy = ros.add(PolicyNode, checkpoint="ckpts", device="cpu", torch_num_threads=1, control_rate_hz=10.0,
                      command_frame="world", workspace_enabled=False, servo_switch_service="", prefer_cv_bridge=False,
                      explore=False, teleop_yield_s=0.5)
     ros.add(RewardNode, backend="sim", max_episode_steps=12, action_topic="/policy_node/action")
-    recorder = ros.add(RecorderNode, episodes_dir=str(episodes), source="policy", task=TASK,
+    recorder = ros.add(RecorderNode, episodes_dir="episodes", source="policy", task=TASK,
                        action_topic="/policy_node/action", start_services=["/sim_node/reset", "/reward_node/start_episode"])
-    ros.add(TrainerNode, episodes_dir=str(episodes), checkpoints_dir=str(root), device="cpu", extra_args=TINY_TRAINING,
+    ros.add(TrainerNode, episodes_dir="episodes", checkpoints_dir="ckpts", device="cpu", extra_args=TINY_TRAINING,
             online_learner_args=fast_args(), online_snapshot_every_episodes=1, online_snapshot_every_s=3600.0,
             online_stop_timeout_s=120.0)
     status = ros.collect(String, "/trainer_node/status", LATCHED_QOS)
@@ -281,6 +284,7 @@ def test_online_rl_through_ros_episodes_heads_interventions_stop_reload(ros, tmp
         wait_for(lambda: len(saved) > before, 90, lambda: f"episode saved (policy {policy.stats()}, "
                  f"recorder {recorder.session.counters})")
         paths.append(saved[-1].data)
+        assert Path(paths[-1]).is_absolute(), paths[-1]
         if wait_head:  # the learner consumed it and the policy runs its newest head
             n = len(paths)
             wait_for(lambda: online().get("episodes", 0) >= n, 180, f"learner consumed episode {n} ({online()})")

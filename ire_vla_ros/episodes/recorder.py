@@ -33,6 +33,7 @@ from __future__ import annotations
 import bisect
 import collections
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -400,6 +401,9 @@ class EpisodeRecorder:
                         w, writer = writer, None
                         try:
                             path = w.finalize(success, metadata=metadata) if metadata else w.finalize(success)
+                            # absolute: ~/episode_saved goes to other processes (the online learner)
+                            # whose working directory may differ from this one's
+                            path = os.path.abspath(path)
                             self.stats.file_write_s += float(getattr(w, "write_time_s", 0.0))
                             self.stats.episodes_saved += 1
                             self.stats.last_path = str(path)

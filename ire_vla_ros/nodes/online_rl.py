@@ -602,14 +602,16 @@ class OnlineRLHooks:
             return self._refuse(resp, "offline_running", f"refused: {why}; start online RL when it has finished")
         from ire_vla_ros.vla.checkpoint import CheckpointError, resolve_checkpoint
 
-        ckpt_dir = Path(self._param("checkpoints_dir"))
+        # absolute: the learner may run in `working_dir`, and paths cross processes
+        ckpt_dir = Path(self._param("checkpoints_dir")).absolute()
+        episodes_dir = Path(self._param("episodes_dir")).absolute()
         try:
             checkpoint = resolve_checkpoint(self._param("online_checkpoint") or ckpt_dir)
         except CheckpointError as exc:
             return self._refuse(resp, "start_failed", _clip(f"refused: no checkpoint to improve: {exc}"))
         log_dir = Path(self._param("log_dir") or ckpt_dir / "logs")
         cmd = learner_command(
-            sys.executable, checkpoint=str(checkpoint.resolve()), episodes=str(self._param("episodes_dir")),
+            sys.executable, checkpoint=str(checkpoint.resolve()), episodes=str(episodes_dir),
             heads=str(ckpt_dir / "heads"), config=str(self._param("config") or ""), device=str(self._param("device")),
             snapshot_every_s=self._param("online_snapshot_every_s"),
             snapshot_every_episodes=self._param("online_snapshot_every_episodes"),
@@ -619,7 +621,7 @@ class OnlineRLHooks:
         try:
             self.session = LearnerSession(cmd, log_path=log_dir / f"online_{stamp}_{self.sessions + 1}.log",
                                           cwd=self._param("working_dir") or None,
-                                          episodes_root=self._param("episodes_dir"))
+                                          episodes_root=episodes_dir)
         except OSError as exc:
             return self._refuse(resp, "start_failed", _clip(f"cannot start the learner: {exc}"))
         self.sessions += 1
@@ -669,6 +671,10 @@ class OnlineRLHooks:
         for ev in s.take_events():
             if ev["event"] == "snapshot":
                 self._publish_head(ev)
+            elif ev["event"] == "rejected":  # e.g. a path outside episodes_dir: the learner learns nothing from it
+                self.node.get_logger().warning(
+                    f"online RL: learner rejected {ev.get('path', ev.get('line', ''))}: {ev.get('reason', '')} "
+                    f"({s.counters['rejected']} so far)")
             elif ev["event"] == "exit":
                 if s.state == "failed":
                     self.node.get_logger().error(f"online RL: {s.error} (log {s.log_path}); the policy keeps its "
