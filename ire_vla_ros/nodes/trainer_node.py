@@ -375,10 +375,11 @@ class TrainerNode(Node):
             wait = self._last_start + self._param("min_run_interval_s") - time.monotonic()
             if wait > 0:
                 return self._refuse(resp, "too_soon", f"refused: too soon after the last start, retry in {wait:.1f} s")
-            ckpt = self._param("checkpoints_dir")
-            log_dir = Path(self._param("log_dir") or Path(ckpt) / "logs")
+            # absolute, as this node reads them: the command runs in `working_dir`
+            ckpt = Path(self._param("checkpoints_dir")).absolute()
+            log_dir = Path(self._param("log_dir") or ckpt / "logs").absolute()
             # every run writes its TensorBoard run under <log_dir>/tb: `tensorboard --logdir <log_dir>/tb`
-            values = dict(python=sys.executable, episodes=str(self._param("episodes_dir")),
+            values = dict(python=sys.executable, episodes=str(Path(self._param("episodes_dir")).absolute()),
                           checkpoints=str(ckpt), config=str(self._param("config")),
                           device=str(self._param("device")), tensorboard=str(log_dir / "tb"),
                           sft_processes=str(self._param("sft_processes")),
