@@ -366,6 +366,28 @@ def test_exploration_noise_stays_under_max_log_std():
         assert (log_std.max().item() <= -1.0) == expect_capped, log_std
 
 
+def test_published_actor_is_the_running_average_and_training_resumes_unchanged():
+    replay = LatentReplay(1 << 22, 24, 64, 9, 2, tag="t")
+    replay.add(**_transitions(32, tokens=24, width=64, S=9, A=2), tag="t")
+    learner = _learner(head_average_tau=0.25, lr_actor=0.05)
+    params = list(learner.policy.actor.parameters())
+    expected = [p.detach().clone() for p in params]
+    for _ in range(3):  # one actor update per 2 critic updates: avg += tau * (actor - avg) after each
+        learner.train(replay, replay, 2)
+        expected = [e + 0.25 * (p.detach() - e) for e, p in zip(expected, params)]
+    trained = [p.detach().clone() for p in params]
+    assert any(not torch.allclose(t, e) for t, e in zip(trained, expected))
+    with learner.published_actor():
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach(), e)
+    for p, t in zip(params, trained):
+        assert torch.equal(p.detach(), t)  # the learner keeps training the actor, not the average
+    off = _learner()
+    with off.published_actor():
+        pass
+    assert off.actor_average is None
+
+
 def test_frozen_actor_pool_stays_as_stage0_left_it():
     learner = _learner(actor_train_pool=False)
     replay = LatentReplay(1 << 22, 24, 64, 9, 2, tag="t")

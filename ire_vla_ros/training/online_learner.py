@@ -226,7 +226,8 @@ class OnlineLearner:
         meta = {"version": self.version, "checkpoint": str(self.checkpoint), "episodes": self.episodes,
                 "critic_updates": self.learner.critic_updates, "actor_updates": self.learner.actor_updates,
                 "latent_tag": self.tag}
-        path = self.policy.save_head_snapshot(self.heads_dir / name, metadata=meta)
+        with self.learner.published_actor():
+            path = self.policy.save_head_snapshot(self.heads_dir / name, metadata=meta)
         _write_pointer(self.heads_dir, name)
         for old in sorted(self.heads_dir.glob("head-*.safetensors"), key=snapshot_version)[: -self.keep]:
             old.unlink(missing_ok=True)

@@ -54,6 +54,7 @@ changes the time balance.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -109,6 +110,10 @@ class SACConfig:
     # real arm may wander while exploring. The temperature keeps raising the noise where the demo
     # actions saturate tanh; under the bound it raises alpha instead (measured, docstring: -1.0 hurt).
     max_log_std: float | None = None
+    # The online learner publishes a Polyak average of the actor (avg += tau * (actor - avg) after each
+    # actor update) instead of the actor as trained; 0: the actor as trained. Why: measured online,
+    # successive heads' held-out success swung 0.10 <-> 0.55 within 5 minutes (README).
+    head_average_tau: float = 0.0
     # Making it learn on small data (see module docstring):
     distill_steps: int = 300  # clip head -> tanh head, on the demo latents (0 if the head is tanh already)
     critic_pretrain_steps: int = 1000  # critic-only updates on the demo buffer before any rollout
@@ -611,6 +616,8 @@ class SACLearner:
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr_temperature)
         self.critic_updates = 0
         self.actor_updates = 0
+        self.actor_average = ([p.detach().clone() for p in policy.actor.parameters()]
+                              if cfg.head_average_tau > 0 else None)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -637,9 +644,12 @@ class SACLearner:
             loss.backward()
             nn.utils.clip_grad_norm_(self.actor_opt.param_groups[0]["params"], cfg.grad_clip)
             self.actor_opt.step()
-            if cfg.max_log_std is not None:
-                with torch.no_grad():
+            with torch.no_grad():
+                if cfg.max_log_std is not None:
                     self.policy.actor.log_std.clamp_(max=cfg.max_log_std)
+                if self.actor_average is not None:
+                    for avg, p in zip(self.actor_average, self.policy.actor.parameters()):
+                        avg.lerp_(p, cfg.head_average_tau)
             a_loss = temperature_loss(self.log_alpha, logp, self.target_entropy)
             self.alpha_opt.zero_grad(set_to_none=True)
             a_loss.backward()
@@ -647,6 +657,24 @@ class SACLearner:
             self.actor_updates += 1
             stats |= s | {"alpha": float(self.alpha)}
         return stats
+
+    @contextlib.contextmanager
+    def published_actor(self):
+        """Inside: the actor holds what gets published (the running average with head_average_tau > 0)."""
+        if self.actor_average is None:
+            yield
+            return
+        params = list(self.policy.actor.parameters())
+        trained = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, avg in zip(params, self.actor_average):
+                p.copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(params, trained):
+                    p.copy_(t)
 
     def train(self, online: LatentReplay | None, demo: LatentReplay | None, n_updates: int, *,
               critic_only: bool = False) -> dict:
