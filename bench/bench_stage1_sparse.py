@@ -12,7 +12,7 @@ demos + the Stage 1 successes, evaluated again, to see how much of each Stage 1 
 Writes bench/results/<name>.json (machine load included) and <name>.png.
 
 Full run (the lead, quiet machine; SACfD with config/demo.yaml's defaults (2 critics, utd 1) takes
-~12 min per 8192 decisions at load ~2 with one torch thread, so ~25 min per task at 16384; PPO not timed here):
+~12 min per 8192 decisions at load ~2 with one torch thread, so ~21-25 min per task at 16384; PPO ~2.3 min per 8192):
   python bench/bench_stage1_sparse.py --tasks button-press-topdown-v3 plate-slide-v3 drawer-open-v3 \\
       --algos sac ppo --env-steps 16384 --eval-every 4096 --eval-episodes 40 --stage2
 Runs made separately from the same cached Stage 0s (e.g. PPO later, or one task at a larger budget)
