@@ -650,8 +650,8 @@ def test_live_parameters_split_joint_publishers_and_limits(ros, tmp_path):
     """Writable parameters take effect when set through SetParameters (read-only and bad values
     are refused with a reason); the episode records the values in force and the policy's
     parameters; arm and gripper joint states from separate publishers are merged by name with the
-    pairing error recorded; oversized instructions and images claiming sizes their data do not
-    have are refused and counted."""
+    pairing error recorded; oversized instructions, operator actions and images claiming sizes
+    their data do not have are refused and counted."""
     node = ros.add(RecorderNode, episodes_dir=str(tmp_path), instruction="reach", start_services=[""],
                    pairing_tolerance_s=0.5, joint_names=["j1", "j2", "g"])
     p = ros.probe
@@ -679,7 +679,11 @@ def test_live_parameters_split_joint_publishers_and_limits(ros, tmp_path):
     instruction.publish(String(data="y" * 5000))  # refused: the parameter's instruction stays
     big = Image(height=100000, width=100000, encoding="rgb8", step=300000, data=b"\0" * 12)
     image.publish(big)
-    wait_for(lambda: node.rejected["instructions"] == 1 and node.rejected["images"] == 1, 10, "refusals")
+    operator = p.create_publisher(JointState, "/teleop_node/action", RELIABLE_QOS)  # the intervention topic
+    wait_matched(operator)
+    operator.publish(JointState(name=[f"a{k}" for k in range(65)], position=[0.0] * 65))  # > 64 components
+    wait_for(lambda: node.rejected["instructions"] == 1 and node.rejected["images"] == 1
+             and node.rejected["interventions"] == 1, 10, lambda: f"refusals ({dict(node.rejected)})")
     wait_for(lambda: node._policy_params is not None, 10, "policy params")
 
     assert ros.call(Trigger, "/recorder_node/start_episode").success

@@ -224,19 +224,18 @@ class RecorderNode(Node):
         else:
             self._policy_params = value
 
-    def _on_action(self, msg: JointState) -> None:
+    def _on_action(self, msg: JointState, intervention: bool = False) -> None:
         if len(msg.name) > MAX_ACTION_COMPONENTS:
-            self.rejected["actions"] += 1
+            self.rejected["interventions" if intervention else "actions"] += 1
             return
-        why = self.session.on_action(stamp_ns(msg.header.stamp), msg.name, msg.position)
+        why = self.session.on_action(stamp_ns(msg.header.stamp), msg.name, msg.position, intervention=intervention)
         if why is not None and self.session.state == "recording":
-            self.get_logger().warning(f"step not recorded: {why}", throttle_duration_sec=2.0)
+            what = "intervention step" if intervention else "step"
+            self.get_logger().warning(f"{what} not recorded: {why}", throttle_duration_sec=2.0)
 
     def _on_intervention(self, msg: JointState) -> None:
-        if self.session.intervention_hold_ns and len(msg.name) <= MAX_ACTION_COMPONENTS:
-            why = self.session.on_action(stamp_ns(msg.header.stamp), msg.name, msg.position, intervention=True)
-            if why is not None and self.session.state == "recording":
-                self.get_logger().warning(f"intervention step not recorded: {why}", throttle_duration_sec=2.0)
+        if self.session.intervention_hold_ns:  # operator actions count only while another topic is recorded
+            self._on_action(msg, intervention=True)
 
     # episode control ---------------------------------------------------------------------------
     def _on_start(self, _req, resp):
