@@ -45,7 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_check_<preset>_<device>.json)")
     args = ap.parse_args(argv)
 
+    import peft
     import torch
+    import transformers
 
     from ire_vla_ros.vla.action_spec import EE_DELTA_7D
     from ire_vla_ros.vla.backbone import BackboneConfig, count_parameters
@@ -58,7 +60,8 @@ def main(argv=None) -> int:
                           else ("cpu" if args.device == "auto" else args.device))
     cuda = device.type == "cuda"
     result: dict = {"preset": args.preset, "device": str(device), "amp_dtype": str(amp_dtype(device)),
-                    "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                    "torch": torch.__version__, "transformers": transformers.__version__,
+                    "peft": peft.__version__, "cpu_count": os.cpu_count(),
                     "loadavg_at_start": os.getloadavg()[0], "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if cuda:
         result["gpu"] = torch.cuda.get_device_name(device)
@@ -104,14 +107,29 @@ def main(argv=None) -> int:
     for i in range(args.act_repeats + 3):
         sync()
         t = time.perf_counter()
-        with autocast(device):
-            policy.act(images[i % len(images)], states[i % len(states)], instruction, deterministic=True)
+        # as the policy node calls it: act() runs the backbone under autocast itself, the heads in fp32
+        policy.act(images[i % len(images)], states[i % len(states)], instruction, deterministic=True)
         sync()
         if i >= 3:  # warm-up excluded
             lat.append((time.perf_counter() - t) * 1e3)
     result["act_ms_p50"], result["act_ms_p95"] = percentile(lat, 50), percentile(lat, 95)
     result["act_peak_gib"] = peak_gib()
     print(f"[gpu_check] act p50 {result['act_ms_p50']:.1f} ms p95 {result['act_ms_p95']:.1f} ms", flush=True)
+    if cuda:  # what the policy node runs on CUDA: the backbone replayed from a CUDA graph (vla/cuda_graph.py)
+        policy.enable_cuda_graphs()
+        lat = []
+        for i in range(args.act_repeats + 3):
+            sync()
+            t = time.perf_counter()
+            policy.act(images[i % len(images)], states[i % len(states)], instruction, deterministic=True)
+            sync()
+            if i >= 3:  # the first call captures the graph
+                lat.append((time.perf_counter() - t) * 1e3)
+        result["act_cuda_graph_status"] = policy.cuda_graph_status
+        result["act_cuda_graph_ms_p50"], result["act_cuda_graph_ms_p95"] = percentile(lat, 50), percentile(lat, 95)
+        policy.disable_cuda_graphs()  # the SFT and Stage 1 timings below are eager, as training runs
+        print(f"[gpu_check] act with CUDA graph ({result['act_cuda_graph_status']}) p50 "
+              f"{result['act_cuda_graph_ms_p50']:.1f} ms p95 {result['act_cuda_graph_ms_p95']:.1f} ms", flush=True)
 
     # ---- one SFT step (LoRA + head) ---------------------------------------------------------------
     from ire_vla_ros.training.sft import sft_loss
@@ -147,7 +165,7 @@ def main(argv=None) -> int:
     # ---- Stage 1 update: cached latents vs re-running the frozen backbone ---------------------------
     mb = args.minibatch
     instr = [instruction] * mb
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad():
         hidden, mask = policy.encode(images[:mb], instr)
     cached = hidden.to(LATENT_DTYPE)
     result["latent_tokens"], result["latent_dim"] = int(hidden.shape[1]), int(hidden.shape[2])
@@ -172,10 +190,9 @@ def main(argv=None) -> int:
             if variant == "cached":
                 h, m = cached, mask
             else:
-                with torch.no_grad(), autocast(device):
+                with torch.no_grad():  # encode() runs the backbone under autocast
                     h, m = policy.encode(images[:mb], instr)
-            with autocast(device):
-                update(h, m)
+            update(h, m)  # heads in fp32, as training/sac.py runs them
         sync()
         timings.setdefault(variant, []).append(time.perf_counter() - t)
     best = {k: min(v) for k, v in timings.items()}

@@ -43,3 +43,15 @@ def test_real_size_preset_matches_published_blip2_opt_2_7b():
     # Salesforce/blip2-opt-2.7b: 3.74 B parameters (ViT-g 1.0 B + Q-Former 0.1 B + OPT-2.7B 2.65 B).
     n = count_parameters(BackboneConfig(preset="blip2-opt-2.7b"))
     assert 3.70e9 < n < 3.80e9
+
+
+def test_act_profile_runs_on_cpu(tmp_path):
+    out = tmp_path / "act_profile.json"
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_ROS_AND_MUJOCO, str(REPO / "bench" / "gpu_act_profile.py"),
+                           "--preset", "tiny", "--device", "cpu", "--repeats", "3", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["device"] == "cpu" and r["aten_ops_per_act"] > 100
+    assert set(r["stage_ms_p50"]) == {"prepare", "backbone", "heads", "to_host", "act"}
+    assert r["top_self_cpu"] and all(row["ms_per_act"] >= 0 for row in r["top_self_cpu"])

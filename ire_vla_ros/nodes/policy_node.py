@@ -60,6 +60,8 @@ _POLICY_PARAMS = {
                     "~/reload). A relative path not found from the working directory is taken relative to "
                     "the package share directory (models/ lives there)", read_only=True),
     "device": P("auto", "Torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:N", read_only=True),
+    "cuda_graphs": P(True, "On CUDA, replay the backbone from a CUDA graph (the step is launch-bound on a GPU; "
+                     "vla/cuda_graph.py). Off: eager, as on CPU", read_only=True),
     "torch_num_threads": P(1, "torch.set_num_threads for CPU inference (0 = leave torch's default). 1 avoids "
                            "thread oversubscription next to the ROS executor on small machines", min=0, max=256),
     "control_rate_hz": P(10.0, "Policy / command rate. Keep 1/rate below Servo's incoming_command_timeout",
@@ -136,7 +138,7 @@ class PolicyNode(Node):
 
         # ---- model ------------------------------------------------------------------------------
         try:
-            self.loader = PolicyLoader(p.checkpoint, p.device, p.torch_num_threads)
+            self.loader = PolicyLoader(p.checkpoint, p.device, p.torch_num_threads, p.cuda_graphs)
         except RuntimeError as exc:  # no torch, or no such device
             raise NodeStartupError(str(exc)) from exc
         try:

@@ -268,7 +268,8 @@ class PolicyLoader:
     on every call (at start and on each reload). torch is imported here, not with this module.
     RuntimeError when torch or the device is missing."""
 
-    def __init__(self, checkpoint: str, device: str = "auto", torch_num_threads: int = 0):
+    def __init__(self, checkpoint: str, device: str = "auto", torch_num_threads: int = 0,
+                 cuda_graphs: bool = True):
         try:
             import torch
 
@@ -279,6 +280,7 @@ class PolicyLoader:
         self.set_num_threads(torch_num_threads)
         self.device = resolve_device(device)
         self.root = checkpoint_location(checkpoint)
+        self.cuda_graphs = cuda_graphs
 
     def set_num_threads(self, n: int) -> None:
         """torch.set_num_threads for CPU inference; 0 leaves torch's choice."""
@@ -288,7 +290,10 @@ class PolicyLoader:
     def __call__(self) -> tuple:
         """(policy in eval mode, the checkpoint directory it came from)."""
         ckpt = self._resolve_checkpoint(self.root)
-        return self._load_checkpoint(ckpt, device=self.device).eval(), ckpt
+        policy = self._load_checkpoint(ckpt, device=self.device).eval()
+        if self.cuda_graphs:
+            policy.enable_cuda_graphs()  # no-op off CUDA; the first step captures (vla/cuda_graph.py)
+        return policy, ckpt
 
 
 class PolicyRunner:
@@ -420,6 +425,7 @@ class PolicyRunner:
         return {
             "enabled": self.enabled, "explore": self.explore, "estop": s["estop"],
             "estop_link_ok": s["estop_link_ok"], "checkpoint": str(self.checkpoint),
+            "cuda_graph": getattr(self.policy, "cuda_graph_status", "off"),
             "latency_ms_mean": lat["mean"], "latency_ms_p50": lat["p50"], "latency_ms_p95": lat["p95"],
             "inference_ms_mean": inf["mean"], "inference_ms_p95": inf["p95"],
             "decode_ms_mean": self.decode_ms.summary()["mean"],

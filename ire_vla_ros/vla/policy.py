@@ -108,6 +108,7 @@ class VLAPolicy(nn.Module):
         self.register_buffer("state_std", torch.ones(s_dim))
         self._action_low = torch.tensor(cfg.action_spec.low, dtype=torch.float32)
         self._action_high = torch.tensor(cfg.action_spec.high, dtype=torch.float32)
+        self._graphed_backbone = None  # vla/cuda_graph.GraphedForward once enable_cuda_graphs() ran
 
     def _add_lora(self) -> None:
         from peft import LoraConfig, get_peft_model
@@ -186,10 +187,41 @@ class VLAPolicy(nn.Module):
         On CUDA the backbone runs under bf16 autocast (fp16 on GPUs without bf16), on CPU in fp32
         (vla/precision.py); the heads cast the features back to fp32.
         """
+        inputs = self.backbone.prepare(images, instructions)
+        graphed = self._graphed_backbone
+        if graphed is not None and not torch.is_grad_enabled() and not self.backbone.training:
+            return graphed(inputs)
+        return self._backbone_forward(inputs)
+
+    def _backbone_forward(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         from .precision import autocast
 
         with autocast(self.device):
-            return self.backbone(self.backbone.prepare(images, instructions))
+            return self.backbone(inputs)
+
+    def enable_cuda_graphs(self) -> bool:
+        """Inference calls of encode() (no grad, backbone in eval) replay the backbone from a CUDA
+        graph (vla/cuda_graph.py: the step is launch-bound on a GPU). False (and nothing changes)
+        off CUDA. Training calls stay eager; graphs follow in-place weight loads."""
+        if self.device.type != "cuda":
+            return False
+        from .cuda_graph import GraphedForward
+
+        self._graphed_backbone = GraphedForward(self._backbone_forward)
+        return True
+
+    def disable_cuda_graphs(self) -> None:
+        self._graphed_backbone = None
+
+    @property
+    def cuda_graph_status(self) -> str:
+        """off | ready (no graph yet) | graphs=N | eager: <capture error>"""
+        g = self._graphed_backbone
+        if g is None:
+            return "off"
+        if g.failure is not None:
+            return f"eager: {g.failure}"
+        return f"graphs={g.num_graphs}" if g.num_graphs else "ready"
 
     def distribution(self, hidden, mask, state_n) -> torch.distributions.Normal:
         return self.actor.distribution(hidden, mask, state_n)
@@ -260,9 +292,10 @@ class VLAPolicy(nn.Module):
             log_prob = self.log_prob(dist, a_n)
         value = self.value(hidden, mask, state_n)
         actions = self.unnormalize_action(a_n)
+        # .float(): a caller under autocast gets bf16/fp16 head outputs, which numpy cannot hold
         return BatchAct(
-            actions=actions.cpu().numpy().astype(np.float32), normalized=a_n.cpu().numpy().astype(np.float32),
-            log_probs=log_prob.cpu().numpy(), values=value.cpu().numpy(), hidden=hidden, mask=mask,
+            actions=actions.float().cpu().numpy(), normalized=a_n.float().cpu().numpy(),
+            log_probs=log_prob.float().cpu().numpy(), values=value.float().cpu().numpy(), hidden=hidden, mask=mask,
         )
 
     def act(self, image: np.ndarray, state: np.ndarray, instruction: str, *, deterministic: bool = True) -> ActResult:
