@@ -177,8 +177,8 @@ def compare_cuda_graph(policy, image, state, instruction, repeats, sync) -> dict
     return {
         "graph_status": policy.cuda_graph_status, "graph_capture_s": capture_s,
         "graph_replays": graphed.replays, "graph_eager_calls": graphed.eager_calls,
-        "eager_act_ms_p50": float(np.median(times["eager"])), "eager_act_ms_p95": float(np.percentile(times["eager"], 95)),
-        "graph_act_ms_p50": float(np.median(times["graph"])), "graph_act_ms_p95": float(np.percentile(times["graph"], 95)),
+        **{f"{v}_act_ms_p50": float(np.median(times[v])) for v in times},
+        **{f"{v}_act_ms_p95": float(np.percentile(times[v], 95)) for v in times},
         "graph_speedup_p50": float(np.median(times["eager"]) / np.median(times["graph"])),
         "graph_max_abs_hidden_diff": float((graph_hidden.float() - eager_hidden.float()).abs().max()),
         "hidden_abs_max": float(eager_hidden.float().abs().max()),

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..episodes.store import EpisodeWriter
 from ..vla.policy import VLAPolicy
 from .config import EnvConfig, PPOConfig, success_bonus
 from .ppo import FrozenFeatureCache
@@ -45,7 +44,16 @@ class EpisodeRecord:
 
 class _EpisodeBookkeeping:
     """Episode ends shared by the PPO and SAC collectors: counters, and the successful episodes kept
-    as `rl` episode files for Stage 2."""
+    as `rl` episode files for Stage 2.
+
+    The files are written by a child process (episodes/safe_writer.WriterProcess, as the recorder
+    and `ire-vla collect` do): h5py on a full disk can take the writing process down (measured:
+    SIGSEGV), and here that process is the training. A write that fails (disk full, under
+    `min_free_mb`, I/O error) is counted in `write_failures` and logged; training goes on, the
+    episodes written before stay intact, and Stage 2 gets those."""
+
+    min_free_mb: float = 50.0  # keep this much free on the episodes' disk (as `ire-vla collect`)
+    _writers = None
 
     def _finish_episode(self, i: int, env, success: bool) -> None:
         rec = self.records[i]
@@ -53,9 +61,26 @@ class _EpisodeBookkeeping:
         self.successes += int(success)
         self.recent.append((env.task, success))
         if success and self.cfg.keep_successful and self.episode_root is not None:
-            self.saved.append(write_episode(self.episode_root, env, rec, source="rl", success=True,
-                                            iteration=self.iteration))
+            self._keep(env, rec)
         self.records[i] = EpisodeRecord()
+
+    def _keep(self, env, rec: EpisodeRecord) -> None:
+        from ..episodes.safe_writer import EpisodeWriteError, WriterProcess
+
+        if self._writers is None:
+            self._writers = WriterProcess(min_free_mb=self.min_free_mb)
+        try:
+            self.saved.append(write_episode(self._writers, self.episode_root, env, rec, source="rl", success=True,
+                                            iteration=self.iteration))
+        except EpisodeWriteError as exc:
+            self.write_failures += 1
+            log.warning("successful episode not kept for Stage 2 (%d so far): %s", self.write_failures, exc)
+
+    def close(self) -> None:
+        """Stop the writer child (if one was started)."""
+        if self._writers is not None:
+            self._writers.close()
+            self._writers = None
 
 
 class RolloutCollector(_EpisodeBookkeeping):
@@ -78,6 +103,7 @@ class RolloutCollector(_EpisodeBookkeeping):
         self.episodes_done = 0
         self.successes = 0
         self.saved: list[Path] = []
+        self.write_failures = 0  # successful episodes that could not be written (disk full, I/O)
         self.recent: list[tuple[str, bool]] = []
 
     def collect(self, policy: VLAPolicy, steps_per_env: int) -> FrozenFeatureCache:
@@ -170,6 +196,7 @@ class SACCollector(_EpisodeBookkeeping):
         self.episodes_done = 0
         self.successes = 0
         self.saved: list[Path] = []
+        self.write_failures = 0  # successful episodes that could not be written (disk full, I/O)
         self.recent: list[tuple[str, bool]] = []
 
     @torch.no_grad()
@@ -234,10 +261,13 @@ class SACCollector(_EpisodeBookkeeping):
 
 
 
-def write_episode(root: Path, env, rec: EpisodeRecord, *, source: str, success: bool, iteration: int) -> Path:
-    writer = EpisodeWriter(root, instruction=env.instruction, task=env.task, source=source,
-                           action_spec=env.action_spec, joint_names=env.joint_names, iteration=iteration)
-    with writer:
+def write_episode(writers, root: Path, env, rec: EpisodeRecord, *, source: str, success: bool,
+                  iteration: int) -> Path:
+    """One recorded episode -> an episode file, through `writers` (a safe_writer.WriterProcess).
+    EpisodeWriteError (disk full, I/O error): nothing is left behind for this episode."""
+    writer = writers.open(root, dict(instruction=env.instruction, task=env.task, source=source,
+                                     action_spec=env.action_spec, joint_names=env.joint_names, iteration=iteration))
+    try:
         t0 = time.time()
         for k in range(len(rec.actions)):
             writer.append(images={"main": rec.images[k]}, joint_positions=rec.states[k], action=rec.actions[k],
@@ -245,6 +275,9 @@ def write_episode(root: Path, env, rec: EpisodeRecord, *, source: str, success: 
                           log_prob=rec.log_probs[k] if rec.log_probs else None,
                           value=rec.values[k] if rec.values else None)
         return writer.finalize(success)
+    except BaseException:
+        writer.abort()  # no-op after a fault (the child removed the partial file already)
+        raise
 
 
 @torch.no_grad()

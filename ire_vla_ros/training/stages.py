@@ -94,26 +94,32 @@ def stage1_ppo_sim(policy: VLAPolicy, envs, cfg: PPOConfig, *, episode_root: Pat
     curve = [{"env_steps": 0, **eval_fn(policy)}] if eval_fn is not None else []
     bar = tqdm(range(n_updates), desc="Stage 1 PPO", disable=not progress)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    for u in bar:
-        if cfg.anneal_lr:
-            for g, lr in zip(optimizer.param_groups, base_lrs):
-                g["lr"] = lr * (1.0 - u / n_updates)
-        batch = collector.collect(policy, cfg.rollout_len)
-        compute_gae(batch, cfg.gamma, cfg.gae_lambda)
-        stats = ppo_update(policy, optimizer, batch, cfg, value_only=u < cfg.critic_warmup_rollouts)
-        recent = collector.recent[-50:]
-        stats.update(update=u, env_steps=(u + 1) * per_update, episodes=collector.episodes_done,
-                     train_success_rate=float(np.mean([s for _, s in recent])) if recent else 0.0,
-                     mean_reward=float(batch.rewards.mean()))
-        history.append(stats)
-        bar.set_postfix(succ=f"{stats['train_success_rate']:.2f}", v_loss=f"{stats['v_loss']:.4f}")
-        report("stage1", (u + 1) / n_updates, f"update {u + 1}/{n_updates} train success {stats['train_success_rate']:.2f}")
-        steps = (u + 1) * per_update
-        if eval_fn is not None and eval_every and (steps // eval_every > u * per_update // eval_every or u == n_updates - 1):
-            curve.append({"env_steps": steps, **eval_fn(policy)})
+    try:
+        for u in bar:
+            if cfg.anneal_lr:
+                for g, lr in zip(optimizer.param_groups, base_lrs):
+                    g["lr"] = lr * (1.0 - u / n_updates)
+            batch = collector.collect(policy, cfg.rollout_len)
+            compute_gae(batch, cfg.gamma, cfg.gae_lambda)
+            stats = ppo_update(policy, optimizer, batch, cfg, value_only=u < cfg.critic_warmup_rollouts)
+            recent = collector.recent[-50:]
+            stats.update(update=u, env_steps=(u + 1) * per_update, episodes=collector.episodes_done,
+                         train_success_rate=float(np.mean([s for _, s in recent])) if recent else 0.0,
+                         mean_reward=float(batch.rewards.mean()))
+            history.append(stats)
+            bar.set_postfix(succ=f"{stats['train_success_rate']:.2f}", v_loss=f"{stats['v_loss']:.4f}")
+            report("stage1", (u + 1) / n_updates,
+                   f"update {u + 1}/{n_updates} train success {stats['train_success_rate']:.2f}")
+            steps = (u + 1) * per_update
+            crossed = steps // eval_every > u * per_update // eval_every if eval_every else False
+            if eval_fn is not None and eval_every and (crossed or u == n_updates - 1):
+                curve.append({"env_steps": steps, **eval_fn(policy)})
+    finally:
+        collector.close()  # its episode-writer child
     policy.eval()
     return {"updates": history, "episodes": collector.episodes_done, "successes": collector.successes,
-            "saved_episodes": [str(p) for p in collector.saved], "curve": curve}
+            "saved_episodes": [str(p) for p in collector.saved], "episode_write_failures": collector.write_failures,
+            "curve": curve}
 
 
 @torch.no_grad()
@@ -255,34 +261,39 @@ def stage1_sac_sim(policy: VLAPolicy, envs, demo_paths, cfg: SACConfig, *, episo
     total = max(cfg.total_env_steps, len(envs))
     bar = tqdm(total=total, desc="Stage 1 SAC", disable=not progress, mininterval=2.0)
     train_stats: dict = {}
-    while steps < total:
-        n = collector.step(policy, online, tag)
-        steps += n
-        bar.update(n)
-        if online.added >= cfg.learning_starts:
-            budget += cfg.utd * n
-            k = int(budget)
-            budget -= k
-            train_stats = learner.train(online, demo, k) or train_stats
-        if steps - last_log >= log_every or steps >= total:
-            last_log = steps
-            recent = collector.recent[-40:]
-            entry = {"env_steps": steps, "episodes": collector.episodes_done,
-                     "train_success_rate": float(np.mean([s for _, s in recent])) if recent else 0.0,
-                     "critic_updates": learner.critic_updates, **train_stats}
-            history.append(entry)
-            bar.set_postfix(succ=f"{entry['train_success_rate']:.2f}", q=f"{train_stats.get('q_mean', 0):.2f}")
-            report("stage1", steps / total, f"{steps}/{total} steps, train success {entry['train_success_rate']:.2f}, "
-                   f"Q {train_stats.get('q_mean', float('nan')):.3f}, alpha {train_stats.get('alpha', float('nan')):.4f}, "
-                   f"bc {train_stats.get('bc_reg', float('nan')):.3f}")
-        if eval_fn is not None and eval_every and (steps - last_eval >= eval_every or steps >= total):
-            last_eval = steps
-            curve.append({"env_steps": steps, **eval_fn(policy)})
+    try:
+        while steps < total:
+            n = collector.step(policy, online, tag)
+            steps += n
+            bar.update(n)
+            if online.added >= cfg.learning_starts:
+                budget += cfg.utd * n
+                k = int(budget)
+                budget -= k
+                train_stats = learner.train(online, demo, k) or train_stats
+            if steps - last_log >= log_every or steps >= total:
+                last_log = steps
+                recent = collector.recent[-40:]
+                entry = {"env_steps": steps, "episodes": collector.episodes_done,
+                         "train_success_rate": float(np.mean([s for _, s in recent])) if recent else 0.0,
+                         "critic_updates": learner.critic_updates, **train_stats}
+                history.append(entry)
+                bar.set_postfix(succ=f"{entry['train_success_rate']:.2f}", q=f"{train_stats.get('q_mean', 0):.2f}")
+                nan = float("nan")
+                report("stage1", steps / total,
+                       f"{steps}/{total} steps, train success {entry['train_success_rate']:.2f}, "
+                       f"Q {train_stats.get('q_mean', nan):.3f}, alpha {train_stats.get('alpha', nan):.4f}, "
+                       f"bc {train_stats.get('bc_reg', nan):.3f}")
+            if eval_fn is not None and eval_every and (steps - last_eval >= eval_every or steps >= total):
+                last_eval = steps
+                curve.append({"env_steps": steps, **eval_fn(policy)})
+    finally:
+        collector.close()  # its episode-writer child
     bar.close()
     policy.eval()
     return {**stats, "updates": history, "episodes": collector.episodes_done, "successes": collector.successes,
-            "saved_episodes": [str(p) for p in collector.saved], "curve": curve,
-            "critic_updates": learner.critic_updates, "actor_updates": learner.actor_updates}
+            "saved_episodes": [str(p) for p in collector.saved], "episode_write_failures": collector.write_failures,
+            "curve": curve, "critic_updates": learner.critic_updates, "actor_updates": learner.actor_updates}
 
 
 def stage1_sac_offline(policy: VLAPolicy, demo_paths, online_paths, cfg: SACConfig, report: Progress = _noop) -> dict:
