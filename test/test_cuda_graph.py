@@ -78,12 +78,12 @@ def test_graph_replay_matches_eager_and_follows_in_place_weight_loads():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_policy_loader_on_cuda_captures_at_the_first_step():
+def test_policy_loader_on_cuda_captures_before_the_policy_is_used():
     from ire_vla_ros.robot.runner import PolicyLoader
 
     models = Path(__file__).resolve().parents[1] / "models" / "metaworld_tiny"
     policy, _ = PolicyLoader(str(models), "cuda")()
-    assert policy.cuda_graph_status == "ready"
+    assert policy.cuda_graph_status == "graphs=1"  # captured by the loader, before any control step
     size = policy.backbone.image_size
     image = np.zeros((size, size, 3), np.uint8)
     first = policy.act(image, np.zeros(len(policy.joint_names), np.float32), "push the button").action
@@ -92,3 +92,41 @@ def test_policy_loader_on_cuda_captures_at_the_first_step():
     assert off.cuda_graph_status == "off"
     np.testing.assert_allclose(off.act(image, np.zeros(len(off.joint_names), np.float32), "push the button").action,
                                first, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_reload_captures_in_its_thread_while_the_control_thread_keeps_acting():
+    """~/reload on a GPU: the loader thread captures the new policy's graph while the control thread
+    acts with the old one (its own graph) on the default stream. Neither may fail or fall back."""
+    import threading
+
+    from ire_vla_ros.robot.runner import PolicyLoader
+
+    models = Path(__file__).resolve().parents[1] / "models" / "metaworld_tiny"
+    loader = PolicyLoader(str(models), "cuda")
+    running, _ = loader()
+    size = running.backbone.image_size
+    image = np.zeros((size, size, 3), np.uint8)
+    state = np.zeros(len(running.joint_names), np.float32)
+    reference = running.act(image, state, "push the button").action
+    stop, actions, errors = threading.Event(), [], []
+
+    def control():
+        try:
+            while not stop.is_set():
+                actions.append(running.act(image, state, "push the button").action)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=control)
+    thread.start()
+    try:
+        reloaded = [loader()[0] for _ in range(3)]
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors and len(actions) > 3
+    assert all(np.allclose(a, reference, atol=1e-5) for a in actions)
+    for policy in [running, *reloaded]:
+        assert policy.cuda_graph_status == "graphs=1", policy.cuda_graph_status
+        np.testing.assert_allclose(policy.act(image, state, "push the button").action, reference, atol=1e-5)

@@ -291,8 +291,10 @@ class PolicyLoader:
         """(policy in eval mode, the checkpoint directory it came from)."""
         ckpt = self._resolve_checkpoint(self.root)
         policy = self._load_checkpoint(ckpt, device=self.device).eval()
-        if self.cuda_graphs:
-            policy.enable_cuda_graphs()  # no-op off CUDA; the first step captures (vla/cuda_graph.py)
+        if self.cuda_graphs and policy.enable_cuda_graphs():  # False off CUDA (vla/cuda_graph.py)
+            # Capture here, in the loader's thread (a reload runs beside the control thread, which
+            # keeps acting on the old policy), not at the new policy's first control step.
+            policy.warm_up()
         return policy, ckpt
 
 
