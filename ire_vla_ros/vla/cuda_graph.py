@@ -7,7 +7,7 @@ GPU. A CUDA graph records the launches once and replays them with one call.
 
 How: one graph per input signature (names, shapes, dtypes). The policy's inputs have a fixed shape
 for a given batch size (images resized to the preset's size, instruction tokens padded to
-max_text_tokens), so a running policy node captures one graph at its first step. New inputs are
+max_text_tokens), so the policy loader captures one graph right after loading (VLAPolicy.warm_up). New inputs are
 copied into the graph's static input tensors, the graph replays, and the outputs are cloned (the
 static outputs are overwritten by the next replay; callers keep latents). The graph reads the
 parameters where they live: weights changed in place (load_state_dict) are seen by the next replay;
