@@ -403,6 +403,21 @@ def test_frozen_actor_pool_stays_as_stage0_left_it():
     assert all(p.requires_grad for p in actor.parameters())
 
 
+def test_frozen_critic_pool_keeps_the_actors_pooling_and_trains_the_members():
+    learner = _learner(critic_train_pool=False)
+    replay = LatentReplay(1 << 22, 24, 64, 9, 2, tag="t")
+    replay.add(**_transitions(32, tokens=24, width=64, S=9, A=2, reward=1.0, done=1.0), tag="t")
+    critic = learner.critic
+    pool = [p.detach().clone() for p in critic.pool.parameters()]
+    assert all(torch.equal(p, q) for p, q in zip(pool, learner.policy.actor.pool.parameters()))  # "actor" init
+    members = [p.detach().clone() for n, p in critic.named_parameters() if not n.startswith("pool.")]
+    learner.train(replay, replay, 6)
+    assert all(torch.equal(p, q) for p, q in zip(critic.pool.parameters(), pool))
+    assert any(not torch.equal(p.detach(), q) for p, q in
+               zip((p for n, p in critic.named_parameters() if not n.startswith("pool.")), members))
+    assert all(p.grad is None for p in critic.pool.parameters())
+
+
 def test_distilled_tanh_head_acts_like_the_clip_head():
     policy = make_tiny_policy()
     with torch.no_grad():  # a head whose actions reach past the bounds, as Metaworld experts' do

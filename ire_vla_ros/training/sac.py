@@ -90,6 +90,9 @@ class SACConfig:
     target_critics: int = 2  # TD target: min over this many random members (with 2: clipped double Q)
     critic_hidden: int = 256
     critic_pool_init: str = "actor"  # "actor": start the critic's token learner from the actor's; "random"
+    # False: the critic's token learner stays as initialised (with "actor": Stage 0's pooling, fitted
+    # with augmentation) and only its ensemble MLPs train: fewer weights to fit to a few hundred episodes.
+    critic_train_pool: bool = True
     lr_actor: float = 3e-4
     # False: Stage 1 trains the actor's MLP and noise only; its token learner (the pooling of the
     # frozen latents, fitted with augmentation in Stage 0) stays as Stage 0 left it.
@@ -605,6 +608,8 @@ class SACLearner:
             self.critic.pool.load_state_dict(policy.actor.pool.state_dict())
         elif cfg.critic_pool_init != "random":
             raise ValueError(f"sac.critic_pool_init must be 'actor' or 'random', got {cfg.critic_pool_init!r}")
+        if not cfg.critic_train_pool:
+            self.critic.pool.requires_grad_(False)
         self.target_critic = copy.deepcopy(self.critic).requires_grad_(False)
         self.log_alpha = torch.tensor(math.log(cfg.init_temperature), device=self.device, requires_grad=True)
         self.target_entropy = cfg.resolved_target_entropy(pc.action_spec.dim)
@@ -612,7 +617,7 @@ class SACLearner:
         if not cfg.actor_train_pool:  # no gradient, no backward through it (SFT's unfreeze_lora restores it)
             policy.actor.pool.requires_grad_(False)
         self.actor_opt = torch.optim.Adam([p for p in policy.head_parameters() if p.requires_grad], lr=cfg.lr_actor)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=cfg.lr_critic)
+        self.critic_opt = torch.optim.Adam([p for p in self.critic.parameters() if p.requires_grad], lr=cfg.lr_critic)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=cfg.lr_temperature)
         self.critic_updates = 0
         self.actor_updates = 0
