@@ -49,7 +49,12 @@ training success 0.62 at 5k, then 0.35), and a fixed temperature (`lr_temperatur
 gave 0.42 -> 0.47 -> 0.45 with the same dip in training success (0.53 -> 0.38 -> 0.45): neither the
 anneal, the noise nor the temperature alone explains it. The critic's mean Q falls with the training
 success in every run (0.69 -> 0.54). drawer-open at 16,384 decisions: 0.38 -> 0.53 (its training
-success rose to 0.55 late), so more decisions help there. The GPU (or a real VLM's encoder cost)
+success rose to 0.55 late); at 24,576 it peaked at 16k (0.53) and ended at 0.45. Session 8 (button-press,
+8192 decisions, held-out 4k / 8k): noise and temperature both fixed 0.50 / 0.23; the actor's pooling
+frozen (`actor_train_pool: false`) 0.50 / 0.50; no self-imitation on online rows (`online_bc: none`)
+0.50 / 0.23; the critic's pooling frozen (`critic_train_pool: false`) 0.40 / 0.53: the training-success
+fall after ~4-5k decisions survives every one, and Stage 2 (demos + successes) lands at 0.50-0.55
+after each, whatever Stage 1 ended at. The GPU (or a real VLM's encoder cost)
 changes the time balance.
 """
 from __future__ import annotations
