@@ -165,7 +165,8 @@ def rate(xs) -> float | None:
     return round(sum(xs) / len(xs), 3) if xs else None
 
 
-def plot(path: Path, rows: list[dict], window: int, task: str, heldout: list[dict] | None = None) -> None:
+def plot(path: Path, rows: list[dict], window: int, task: str, heldout: list[dict] | None = None,
+         stage2: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,6 +182,9 @@ def plot(path: Path, rows: list[dict], window: int, task: str, heldout: list[dic
     if heldout:
         ax.plot([h["minute"] for h in heldout], [h["success_rate"] for h in heldout], "o-", color="C3",
                 label=f"held-out, deterministic ({heldout[0]['episodes']} episodes)")
+    if stage2:  # the checkpoint the policy reloaded after stop -> Stage 2, at the end of the online phase
+        ax.plot([t[-1] if len(t) else 0.0], [stage2["success_rate"]], "*", ms=14, color="C2",
+                label="held-out after Stage 2 (deterministic)")
     ax2 = ax.twinx()
     ax2.step(t, [r["head_version"] for r in rows], where="post", color="gray", alpha=0.6, label="head version")
     ax.set_xlabel("wall clock (min)")
@@ -312,7 +316,13 @@ def main(argv=None) -> int:
         if heads:
             result["heldout"] = evaluate_heads(ckpt0, [h for h in heads if h is not None], args)
             print("held-out (deterministic):", [(h["minute"], h["success_rate"]) for h in result["heldout"]], flush=True)
-            plot(RESULTS / f"{args.name}.png", rows, args.window, args.task, result["heldout"])
+        stage2 = result.get("stage2") or {}
+        if stage2.get("state") == "succeeded" and stage2.get("checkpoint"):
+            stage2["heldout"] = evaluate_heads(Path(stage2["checkpoint"]), [], args)[0]
+            print("held-out after Stage 2 (deterministic):", stage2["heldout"]["success_rate"], flush=True)
+        if heads or "heldout" in stage2:
+            plot(RESULTS / f"{args.name}.png", rows, args.window, args.task, result.get("heldout"),
+                 stage2.get("heldout"))
             write_result(args.name, result)
     finally:
         if tmp:
@@ -335,7 +345,8 @@ def copy_running_head(heads_dir: Path, kept: Path, minute: float, version: int) 
 
 
 def evaluate_heads(ckpt0: Path, heads: list[dict], args) -> list[dict]:
-    """Stage 0 and each copied head, deterministic actions, the same held-out seeds for all."""
+    """The checkpoint `ckpt0` and it with each copied head, deterministic actions, the same held-out
+    seeds for all."""
     import torch
 
     from ire_vla_ros.sim.metaworld_env import heldout_seeds
