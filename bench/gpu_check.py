@@ -101,30 +101,28 @@ def main(argv=None) -> int:
           f"in {result['build_seconds']:.1f} s", flush=True)
 
     # ---- act latency -----------------------------------------------------------------------------
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    lat = []
-    for i in range(args.act_repeats + 3):
-        sync()
-        t = time.perf_counter()
-        # as the policy node calls it: act() runs the backbone under autocast itself, the heads in fp32
-        policy.act(images[i % len(images)], states[i % len(states)], instruction, deterministic=True)
-        sync()
-        if i >= 3:  # warm-up excluded
-            lat.append((time.perf_counter() - t) * 1e3)
-    result["act_ms_p50"], result["act_ms_p95"] = percentile(lat, 50), percentile(lat, 95)
-    result["act_peak_gib"] = peak_gib()
-    print(f"[gpu_check] act p50 {result['act_ms_p50']:.1f} ms p95 {result['act_ms_p95']:.1f} ms", flush=True)
-    if cuda:  # what the policy node runs on CUDA: the backbone replayed from a CUDA graph (vla/cuda_graph.py)
-        policy.enable_cuda_graphs()
+    def act_latencies_ms() -> list[float]:
+        """act() as the policy node calls it (the backbone under autocast inside, heads fp32); the
+        first 3 calls (warm-up; with CUDA graphs the capture) are excluded."""
         lat = []
         for i in range(args.act_repeats + 3):
             sync()
             t = time.perf_counter()
             policy.act(images[i % len(images)], states[i % len(states)], instruction, deterministic=True)
             sync()
-            if i >= 3:  # the first call captures the graph
+            if i >= 3:
                 lat.append((time.perf_counter() - t) * 1e3)
+        return lat
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    lat = act_latencies_ms()
+    result["act_ms_p50"], result["act_ms_p95"] = percentile(lat, 50), percentile(lat, 95)
+    result["act_peak_gib"] = peak_gib()
+    print(f"[gpu_check] act p50 {result['act_ms_p50']:.1f} ms p95 {result['act_ms_p95']:.1f} ms", flush=True)
+    if cuda:  # what the policy node runs on CUDA: the backbone replayed from a CUDA graph (vla/cuda_graph.py)
+        policy.enable_cuda_graphs()
+        lat = act_latencies_ms()
         result["act_cuda_graph_status"] = policy.cuda_graph_status
         result["act_cuda_graph_ms_p50"], result["act_cuda_graph_ms_p95"] = percentile(lat, 50), percentile(lat, 95)
         policy.disable_cuda_graphs()  # the SFT and Stage 1 timings below are eager, as training runs
