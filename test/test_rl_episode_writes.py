@@ -34,10 +34,8 @@ def _record(steps: int, rng) -> EpisodeRecord:
 
 
 def _bookkeeping(root) -> RolloutCollector:
-    keeper = RolloutCollector.__new__(RolloutCollector)  # the bookkeeping alone, without envs
-    keeper.cfg, keeper.episode_root, keeper.iteration = PPOConfig(), root, 1
-    keeper.records, keeper.recent, keeper.saved = [None], [], []
-    keeper.episodes_done = keeper.successes = keeper.write_failures = 0
+    keeper = RolloutCollector([], PPOConfig(), episode_root=root, iteration=1)  # the bookkeeping, no envs
+    keeper.records = [None]  # one env slot, filled by each test
     keeper.min_free_mb = 0.5
     return keeper
 
