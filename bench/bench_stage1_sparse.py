@@ -44,7 +44,8 @@ def main(argv=None) -> int:
                     help="Stage 0 checkpoint for every task (default: train one per task on its demos)")
     ap.add_argument("--config", type=Path, default=ROOT / "config" / "demo.yaml", help="env, SFT, PPO and SAC settings")
     ap.add_argument("--tasks", nargs="+", default=["button-press-topdown-v3", "plate-slide-v3", "drawer-open-v3"])
-    ap.add_argument("--algos", nargs="+", default=["sac", "ppo"], choices=["sac", "ppo"])
+    ap.add_argument("--algos", nargs="*", default=["sac", "ppo"], choices=["sac", "ppo"],
+                    help="none: Stage 0 only (trained and evaluated, e.g. to see how it scales with --demos)")
     ap.add_argument("--env-steps", type=int, default=16384, help="Stage 1 decisions per task and algorithm")
     ap.add_argument("--eval-every", type=int, default=4096)
     ap.add_argument("--eval-episodes", type=int, default=40)
@@ -55,6 +56,9 @@ def main(argv=None) -> int:
                     help="envs the held-out evaluation steps in lock-step (one batched backbone call per step)")
     ap.add_argument("--demos", type=int, default=20, help="expert demos per task (SAC's demo buffer, Stage 2's expert set)")
     ap.add_argument("--stage2", action="store_true", help="run Stage 2 after each Stage 1 and evaluate it")
+    ap.add_argument("--iterations", type=int, default=1,
+                    help="SACfD only: iRe-VLA's loop, this many times Stage 1 (--env-steps each) + Stage 2; "
+                         "each Stage 1's demo buffer holds the demos + every success kept so far (Stage 2's data)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. sac.utd=2")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_stage1_sparse", help="demos and episodes")
@@ -127,6 +131,8 @@ def main(argv=None) -> int:
             stage0 = eval_fn(load_checkpoint(ckpt))
             s0_cache.write_text(json.dumps(stage0))
         entry = {"checkpoint": str(ckpt), "stage0": stage0, "algos": {}}
+        out["tasks"][task] = entry
+        write_result(args.name, {**out, "total_seconds": round(time.perf_counter() - t_all, 1)})
         print(f"[{task}] Stage 0: {entry['stage0']['success_rate']:.2f}", flush=True)
         for algo in args.algos:
             policy = load_checkpoint(ckpt)
@@ -135,6 +141,16 @@ def main(argv=None) -> int:
             ep_root = work / f"{algo}_episodes"
             load0, t = os.getloadavg()[0], time.perf_counter()
             try:
+                if algo == "sac" and args.iterations > 1:
+                    res = iterate_sac(policy, envs, demo_paths, cfg, args, ep_root, eval_fn, report)
+                    res["gain"] = res["final"]["success_rate"] - entry["stage0"]["success_rate"]
+                    print(f"[{task}] sac x{args.iterations}: {res['final']['success_rate']:.2f} ({res['gain']:+.2f}) "
+                          f"in {res['seconds']:.0f}s", flush=True)
+                    entry["algos"][algo] = res
+                    out["tasks"][task] = entry
+                    write_result(args.name, {**out, "total_seconds": round(time.perf_counter() - t_all, 1),
+                                             "loadavg_end": os.getloadavg()})
+                    continue
                 if algo == "sac":
                     sac = dataclasses.replace(cfg.sac, total_env_steps=args.env_steps)
                     stats = stage1_sac_sim(policy, envs, demo_paths, sac, episode_root=ep_root, iteration=1,
@@ -175,6 +191,40 @@ def main(argv=None) -> int:
     return 0
 
 
+def iterate_sac(policy, envs, demo_paths, cfg, args, ep_root: Path, eval_fn, report) -> dict:
+    """iRe-VLA's loop from Stage 0: K x (Stage 1 SACfD for --env-steps, Stage 2 SFT), evaluated after
+    every stage. Stage 2 fits demos + all successes so far; the next Stage 1 starts from that head, so
+    its demo buffer (the behaviour regulariser's target, the critic's pre-training) is the same set:
+    demos alone would pull the head back to plain SFT on the demos (the module docstring's finding)."""
+    from ire_vla_ros.training.stages import stage1_sac_sim, stage2_sft
+
+    t, load0 = time.perf_counter(), os.getloadavg()[0]
+    kept: list[str] = []
+    curve, stages, train_log, episodes, successes = [], [], [], 0, 0
+    for k in range(1, args.iterations + 1):
+        sac = dataclasses.replace(cfg.sac, total_env_steps=args.env_steps)
+        offset = (k - 1) * args.env_steps
+        stats = stage1_sac_sim(policy, envs, list(demo_paths) + kept, sac, episode_root=ep_root / f"iter{k}",
+                               iteration=k, progress=False, seed_start=1000 * k, eval_fn=eval_fn,
+                               eval_every=args.eval_every, report=report)
+        curve += [{**c, "env_steps": c["env_steps"] + offset, "stage": f"iter{k}_stage1"} for c in stats["curve"]]
+        train_log += [{"env_steps": u["env_steps"] + offset, **{key: u[key] for key in u if key in (
+            "train_success_rate", "q_mean", "alpha", "bc_weight", "critic_loss", "log_std")}} for u in stats["updates"]]
+        kept += stats["saved_episodes"]
+        episodes, successes = episodes + stats["episodes"], successes + stats["successes"]
+        s2 = stage2_sft(policy, demo_paths, kept, cfg.stage2_sft or cfg.sft, progress=False)
+        curve.append({"env_steps": k * args.env_steps, **eval_fn(policy), "stage": f"iter{k}_stage2"})
+        stages.append({"iteration": k, "stage1_final": stats["curve"][-1]["success_rate"],
+                       "stage2": curve[-1]["success_rate"], "demo_buffer_episodes": len(demo_paths) + len(kept)
+                       - len(stats["saved_episodes"]), "stage2_online_episodes": len(kept), "stage2_loss_last": s2["loss_last"],
+                       "seconds_so_far": round(time.perf_counter() - t, 1)})
+        report("iterate", k / args.iterations, f"iteration {k}: Stage 1 {stages[-1]['stage1_final']:.2f}, "
+                                               f"Stage 2 {stages[-1]['stage2']:.2f} ({len(kept)} successes kept)")
+    return {"iterations": args.iterations, "seconds": round(time.perf_counter() - t, 1), "loadavg_start": load0,
+            "loadavg_end": os.getloadavg()[0], "curve": curve, "final": curve[-1], "stages": stages,
+            "train_episodes": episodes, "train_successes": successes, "train_log": train_log}
+
+
 def merge_results(results: list[dict], names: list[str]) -> dict:
     """One table from several runs: per task, every algo of every run, refusing mismatched baselines."""
     base = results[0]
@@ -205,7 +255,7 @@ def plot(out: dict, path: Path) -> None:
     import numpy as np
 
     tasks = list(out["tasks"])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(4.5 * len(tasks), 6.5), 3.8), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         entry = out["tasks"][task]
         for algo, res in entry["algos"].items():
@@ -214,6 +264,9 @@ def plot(out: dict, path: Path) -> None:
             n = np.array([max(c["episodes"], 1) for c in res["curve"]])
             label = algo.upper().replace("_", " @ ", 1)  # "sac_16384": a merged run at another budget
             ax.errorbar(x, y, yerr=np.sqrt(y * (1 - y) / n), marker="o", capsize=3, label=label)
+            s2 = [(c["env_steps"], c["success_rate"]) for c in res["curve"] if c.get("stage", "").endswith("stage2")]
+            if s2:  # iterations: the Stage 2 points inside the curve
+                ax.plot(*zip(*s2), marker="*", markersize=12, linestyle="none", label=f"{label}: after Stage 2")
             if "stage2" in res:
                 ax.plot([x[-1]], [res["stage2"]["success_rate"]], marker="*", markersize=12, linestyle="none",
                         label=f"{label} + Stage 2")
@@ -223,7 +276,9 @@ def plot(out: dict, path: Path) -> None:
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel(f"held-out success ({out['eval_episodes']} ep., ±1 s.e.)")
-    fig.suptitle("Stage 1 with sparse reward: SACfD vs PPO from the same Stage 0")
+    loops = {res.get("iterations") for e in out["tasks"].values() for res in e["algos"].values()} - {None}
+    fig.suptitle(f"iRe-VLA loop, sparse reward: {max(loops)} x (SACfD Stage 1 + Stage 2) from Stage 0" if loops
+                 else "Stage 1 with sparse reward: SACfD vs PPO from the same Stage 0", fontsize=9 if len(tasks) == 1 else 12)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

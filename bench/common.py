@@ -11,7 +11,8 @@ os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# IRE_VLA_BENCH_RESULTS: somewhere else (the tests' smoke runs must not write into bench/results)
+RESULTS = Path(os.environ.get("IRE_VLA_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def machine() -> dict:

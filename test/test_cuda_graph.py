@@ -60,6 +60,34 @@ def test_graphed_forward_runs_cpu_inputs_eagerly():
     assert g.eager_calls == 1 and g.replays == 0 and g.num_graphs == 0 and g.failure is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_failed_capture_runs_eagerly_from_then_on_and_leaves_the_device_usable():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8).cuda()
+
+    def syncing_forward(inputs):  # .item() synchronises with the host: not allowed while capturing
+        y = lin(inputs["x"])
+        return (-y,) if float(y.abs().sum()) < 0 else (y,)
+
+    g = GraphedForward(syncing_forward, warmup_calls=1)
+    x = torch.randn(2, 8, device="cuda")
+    with torch.no_grad():
+        (out,) = g({"x": x})
+        assert g.failure is not None  # the capture error is kept (the policy reports it in /diagnostics)
+        torch.testing.assert_close(out, lin(x))  # the call that failed to capture still answers
+        (again,) = g({"x": x + 1})
+        torch.testing.assert_close(again, lin(x + 1))
+        assert g.num_graphs == 0 and g.replays == 0 and g.eager_calls == 2
+        ok = GraphedForward(lambda inputs: (lin(inputs["x"]),))  # the CUDA context survived the failure
+        torch.testing.assert_close(ok({"x": x})[0], lin(x))
+        assert ok.num_graphs == 1 and ok.failure is None
+    p = _policy("cuda")
+    assert p.enable_cuda_graphs()
+    p._graphed_backbone.failure = g.failure
+    assert p.cuda_graph_status.startswith("eager: ")
+    assert np.all(np.isfinite(p.act(IMAGE, STATE, "push the button").action))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (measured on an H100: bench/results/)")
 def test_graph_replay_matches_eager_and_follows_in_place_weight_loads():
     p = _policy("cuda")

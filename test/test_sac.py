@@ -11,7 +11,7 @@ from torch import nn
 
 from ire_vla_ros.training.sac import (
     CriticEnsemble, LatentReplay, SACConfig, SACLearner, StaleLatents, add_episode, backbone_tag,
-    bytes_per_transition, critic_loss, distill_to_tanh, sample_mixed, temperature_loss,
+    bytes_per_transition, critic_loss, distill_to_tanh, sample_mixed, temperature_loss, unit_action,
 )
 from ire_vla_ros.vla.action_spec import ActionSpec
 from ire_vla_ros.vla.policy import squashed_log_prob
@@ -386,6 +386,31 @@ def test_published_actor_is_the_running_average_and_training_resumes_unchanged()
     with off.published_actor():
         pass
     assert off.actor_average is None
+    learner.adopt_published()  # the end of a Stage 1 that averages: the result is the published head
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e)
+    before = [p.detach().clone() for p in off.policy.actor.parameters()]
+    off.adopt_published()  # no average: nothing changes
+    assert all(torch.equal(p.detach(), b) for p, b in zip(off.policy.actor.parameters(), before))
+
+
+def test_critic_dropout_regularises_training_only_in_the_members():
+    learner = _learner(critic_dropout=0.5)  # large, so one pass shows it
+    critic = learner.critic
+    assert sum(isinstance(m, torch.nn.Dropout) for m in critic.net) == 2  # after each hidden linear (DroQ)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in _learner().critic.net)  # 0: none at all
+    batch = _batch(learner)
+    pooled = critic.pool(batch["hidden"], batch["mask"])
+    action = unit_action(learner.policy, batch["action"])
+    torch.manual_seed(1)
+    a = critic.q(pooled, batch["state"], action)
+    b = critic.q(pooled, batch["state"], action)
+    assert not torch.allclose(a, b)  # stochastic while training, as in the TD target and the actor term
+    critic.eval()
+    torch.testing.assert_close(critic.q(pooled, batch["state"], action), critic.q(pooled, batch["state"], action))
+    critic.train()
+    stats = learner.update(batch)
+    assert math.isfinite(stats["critic_loss"]) and math.isfinite(stats["actor_loss"])
 
 
 def test_frozen_actor_pool_stays_as_stage0_left_it():

@@ -14,6 +14,7 @@ from ire_vla_ros.training.config import load_iterate_config
 from ire_vla_ros.training.iterate import IterationRunner, success_table
 from ire_vla_ros.training.offline import NothingToTrain, run_offline_iteration
 from ire_vla_ros.vla.checkpoint import load_checkpoint, read_metadata, resolve_checkpoint
+from ire_vla_ros.vla.testing import make_tiny_policy
 
 TINY = {
     "tasks": ["button-press-topdown-v3"], "iterations": 1, "device": "cpu", "torch_threads": 1,
@@ -60,26 +61,47 @@ def test_one_iteration_end_to_end(tmp_path):
     assert "stage0_sft" in success_table(results)
 
 
-def test_one_iteration_end_to_end_with_sac(tmp_path):
-    """Stage 1 as SACfD: the expert demos fill its demo buffer; Stage 2 then fits the tanh head."""
-    cfg = load_iterate_config(None, TINY | TINY_SAC | {"stage1.algo": "sac"})
-    results = IterationRunner(cfg, tmp_path, progress=False).run()
-    assert [s["label"] for s in results["stages"]] == ["stage0_sft", "iter1_stage1_sac", "iter1_stage2_sft"]
+def test_two_iterations_end_to_end_with_sac(tmp_path):
+    """Stage 1 as SACfD: the expert demos fill its demo buffer, from the second iteration on with
+    the successes Stage 2 fitted; Stage 2 then fits the tanh head."""
+    from ire_vla_ros.episodes.store import read_episode_info
+
+    cfg = load_iterate_config(None, TINY | TINY_SAC | {"stage1.algo": "sac", "iterations": 2,
+                                                       "sac.total_env_steps": 80})
+    runner = IterationRunner(cfg, tmp_path, progress=False)
+    # A success kept by an earlier run in this output dir (a tiny policy rarely succeeds by itself)
+    earlier = _policy_episodes(make_tiny_policy(), tmp_path / "episodes" / "rl_iter0", n=2,
+                               steps=10, source="rl")
+    results = runner.run()
+    assert [s["label"] for s in results["stages"]] == ["stage0_sft", "iter1_stage1_sac", "iter1_stage2_sft",
+                                                       "iter2_stage1_sac", "iter2_stage2_sft"]
     s1 = results["stages"][1]["train"]
-    assert s1["demo_transitions"] > 0 and s1["critic_updates"] == 5 + 8  # pre-training + 32 steps x 0.25
+    assert s1["critic_updates"] == 5 + 20  # pre-training + 80 steps x 0.25
+
+    def steps(paths):  # transitions: a successful episode ends in a terminal, others lose their last step
+        return sum(i.n_steps - (not i.success) for i in map(read_episode_info, paths))
+
+    expert = scan_episodes(tmp_path / "episodes", sources=["teleop"]).episodes
+    kept1 = scan_episodes(tmp_path / "episodes" / "rl_iter1", sources=["rl"], successful_only=True).episodes
+    assert steps(expert) > 0 and steps(earlier[:1]) == 10  # the first earlier episode succeeded, not the second
+    assert s1["demo_transitions"] == steps(expert) + 10
+    assert results["stages"][3]["train"]["demo_transitions"] == steps(expert) + 10 + steps(kept1)
+    assert sorted(runner.kept_successes()) == sorted(
+        scan_episodes(tmp_path / "episodes", sources=["rl"], successful_only=True).episodes)
     final = load_checkpoint(results["stages"][-1]["checkpoint"])
     assert final.cfg.action_squash == "tanh"  # Stage 2 kept the SAC head's action mapping
 
 
-def _policy_episodes(policy, root, n=2, steps=12, succeed_first=True):
-    """Episodes as the policy node + recorder would write them on a robot."""
+def _policy_episodes(policy, root, n=2, steps=12, succeed_first=True, source="policy") -> list:
+    """Episodes as the policy node + recorder would write them on a robot; returns their paths."""
     from ire_vla_ros.sim.metaworld_env import MetaworldTaskEnv
 
     env = MetaworldTaskEnv("button-press-topdown-v3", max_episode_steps=steps)
+    paths = []
     try:
         for k in range(n):
             obs = env.reset(seed=500 + k)
-            w = EpisodeWriter(root, instruction=obs.instruction, task=env.task, source="policy",
+            w = EpisodeWriter(root, instruction=obs.instruction, task=env.task, source=source,
                               action_spec=env.action_spec, joint_names=env.joint_names, iteration=0)
             for t in range(steps):
                 r = policy.act(obs.image, obs.state, obs.instruction, deterministic=False)
@@ -88,9 +110,10 @@ def _policy_episodes(policy, root, n=2, steps=12, succeed_first=True):
                 w.append(images={"main": obs.image}, joint_positions=obs.state, action=r.action, reward=reward,
                          timestamp=0.1 * t, log_prob=r.log_prob, value=r.value)
                 obs, *_ = env.step(r.action)
-            w.finalize(success=(succeed_first and k == 0))
+            paths.append(w.finalize(success=(succeed_first and k == 0)))
     finally:
         env.close()
+    return paths
 
 
 def test_offline_iteration_on_recorded_episodes(tmp_path, caplog):

@@ -109,8 +109,13 @@ class IterationRunner:
             num_envs = (cfg.sac if algo == "sac" else cfg.ppo).num_envs
             envs = make_envs(cfg.tasks, max(1, num_envs // len(cfg.tasks)), cfg.env)
             try:
-                if algo == "sac":  # the expert demos are SACfD's demo buffer (latents recomputed: LoRA moved)
-                    stats = stage1_sac_sim(policy, envs, expert_paths, cfg.sac, episode_root=self.episodes / f"rl_iter{k}",
+                if algo == "sac":
+                    # SACfD's demo buffer is what the head was last fitted to: the demos, and from the
+                    # second iteration on every success Stage 2 fitted too (demos alone pulled a Stage 2
+                    # head back toward plain SFT on the demos: bench/bench_stage1_sparse.py). Latents
+                    # are recomputed: Stage 2 moved LoRA.
+                    demo_buffer = list(expert_paths) + self.kept_successes()
+                    stats = stage1_sac_sim(policy, envs, demo_buffer, cfg.sac, episode_root=self.episodes / f"rl_iter{k}",
                                            iteration=k, progress=self.progress, seed_start=1000 * k)
                 else:
                     stats = stage1_ppo_sim(policy, envs, cfg.ppo, episode_root=self.episodes / f"rl_iter{k}",
@@ -122,7 +127,7 @@ class IterationRunner:
             self.record(label, "rl", k, policy, self.evaluate(policy, label), stats, time.time() - t)
 
             t = time.time()
-            online = scan_episodes(self.episodes, sources=["rl"], successful_only=True).episodes
+            online = self.kept_successes()
             s2 = cfg.stage2_sft or cfg.sft
             stats = stage2_sft(policy, expert_paths, online, s2, progress=self.progress)
             self.record(f"iter{k}_stage2_sft", "sft", k, policy, self.evaluate(policy, f"iter{k}_stage2_sft"),
@@ -134,6 +139,10 @@ class IterationRunner:
         for env in self._eval_envs or []:
             env.close()
         return self.results
+
+    def kept_successes(self) -> list[Path]:
+        """The successful Stage 1 episodes of every iteration so far (Stage 2's online data)."""
+        return list(scan_episodes(self.episodes, sources=["rl"], successful_only=True).episodes)
 
     def collect(self) -> list[Path]:
         from ..sim.collect import collect_expert_episodes

@@ -94,6 +94,9 @@ class SACConfig:
     num_critics: int = 2
     target_critics: int = 2  # TD target: min over this many random members (with 2: clipped double Q)
     critic_hidden: int = 256
+    # DroQ (Hiraoka et al. 2022): dropout before each hidden LayerNorm of every member, 0.01 there; a
+    # regulariser for a critic fitted to few episodes. 0: none (SERL / HIL-SERL).
+    critic_dropout: float = 0.0
     critic_pool_init: str = "actor"  # "actor": start the critic's token learner from the actor's; "random"
     # False: the critic's token learner stays as initialised (with "actor": Stage 0's pooling, fitted
     # with augmentation) and only its ensemble MLPs train: fewer weights to fit to a few hundred episodes.
@@ -432,14 +435,18 @@ class CriticEnsemble(nn.Module):
     """
 
     def __init__(self, feat_dim: int, state_dim: int, action_dim: int, width: int, num_queries: int,
-                 members: int, hidden: int):
+                 members: int, hidden: int, dropout: float = 0.0):
         super().__init__()
         self.pool = TokenLearner(feat_dim, width, num_queries)
         self.members = members
         in_dim = self.pool.out_dim + state_dim + action_dim
+
+        def drop() -> list[nn.Module]:  # DroQ's order: linear -> dropout -> LayerNorm -> ReLU
+            return [nn.Dropout(dropout)] if dropout > 0 else []
+
         self.net = nn.Sequential(
-            EnsembleLinear(members, in_dim, hidden), EnsembleLayerNorm(members, hidden), nn.ReLU(),
-            EnsembleLinear(members, hidden, hidden), EnsembleLayerNorm(members, hidden), nn.ReLU(),
+            EnsembleLinear(members, in_dim, hidden), *drop(), EnsembleLayerNorm(members, hidden), nn.ReLU(),
+            EnsembleLinear(members, hidden, hidden), *drop(), EnsembleLayerNorm(members, hidden), nn.ReLU(),
             EnsembleLinear(members, hidden, 1))
 
     def q(self, pooled: torch.Tensor, state: torch.Tensor, action: torch.Tensor,
@@ -608,7 +615,8 @@ class SACLearner:
         pc = policy.cfg
         # Re-initialised at every Stage 1, as the paper does for its critic.
         self.critic = CriticEnsemble(policy.backbone.hidden_size, len(pc.joint_names), pc.action_spec.dim,
-                                     pc.head_width, pc.head_queries, cfg.num_critics, cfg.critic_hidden).to(self.device)
+                                     pc.head_width, pc.head_queries, cfg.num_critics, cfg.critic_hidden,
+                                     cfg.critic_dropout).to(self.device)
         if cfg.critic_pool_init == "actor":
             self.critic.pool.load_state_dict(policy.actor.pool.state_dict())
         elif cfg.critic_pool_init != "random":
@@ -676,15 +684,21 @@ class SACLearner:
             return
         params = list(self.policy.actor.parameters())
         trained = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, avg in zip(params, self.actor_average):
-                p.copy_(avg)
+        self.adopt_published()
         try:
             yield
         finally:
             with torch.no_grad():
                 for p, t in zip(params, trained):
                     p.copy_(t)
+
+    @torch.no_grad()
+    def adopt_published(self) -> None:
+        """The actor becomes what would be published (the running average; no-op without one):
+        the result of a Stage 1 that averages is the head it deploys."""
+        if self.actor_average is not None:
+            for p, avg in zip(self.policy.actor.parameters(), self.actor_average):
+                p.copy_(avg)
 
     def train(self, online: LatentReplay | None, demo: LatentReplay | None, n_updates: int, *,
               critic_only: bool = False) -> dict:

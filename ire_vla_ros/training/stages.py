@@ -286,10 +286,12 @@ def stage1_sac_sim(policy: VLAPolicy, envs, demo_paths, cfg: SACConfig, *, episo
                        f"bc {train_stats.get('bc_reg', nan):.3f}")
             if eval_fn is not None and eval_every and (steps - last_eval >= eval_every or steps >= total):
                 last_eval = steps
-                curve.append({"env_steps": steps, **eval_fn(policy)})
+                with learner.published_actor():  # the head a robot would run (the average, if any)
+                    curve.append({"env_steps": steps, **eval_fn(policy)})
     finally:
         collector.close()  # its episode-writer child
     bar.close()
+    learner.adopt_published()
     policy.eval()
     return {**stats, "updates": history, "episodes": collector.episodes_done, "successes": collector.successes,
             "saved_episodes": [str(p) for p in collector.saved], "episode_write_failures": collector.write_failures,
@@ -311,6 +313,7 @@ def stage1_sac_offline(policy: VLAPolicy, demo_paths, online_paths, cfg: SACConf
         chunks.append(learner.train(online, demo, k))
         done += k
         report("stage1", 0.5 + 0.5 * done / max(cfg.offline_updates, 1), f"SACfD update {done}/{cfg.offline_updates}")
+    learner.adopt_published()
     policy.eval()
     return {**stats, "episodes": len(online_paths), "online_transitions": len(online), "updates": chunks,
             "critic_updates": learner.critic_updates, "actor_updates": learner.actor_updates}

@@ -1,0 +1,41 @@
+"""The Stage 1 tuning tools, run for real at smoke size: bench_stage1_sparse.py trains and evaluates
+a Stage 0 (no Stage 1: --algos with none), then run_variants.py runs two config variants of SACfD
+from it side by side, one of them with a broken override."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = "button-press-topdown-v3"
+
+
+def test_stage0_only_then_variants_side_by_side(tmp_path):
+    env = {**os.environ, "IRE_VLA_BENCH_RESULTS": str(tmp_path / "results"), "OMP_NUM_THREADS": "1"}
+    stage0 = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_stage1_sparse.py"), "--tasks", TASK, "--algos", "--demos", "2",
+         "--eval-episodes", "2", "--set", "sft.steps=2",
+         "--work", str(tmp_path / "work"), "--name", "stage0_only"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert stage0.returncode == 0, stage0.stdout[-2000:] + stage0.stderr[-2000:]
+    only = json.loads((tmp_path / "results" / "stage0_only.json").read_text())
+    assert only["tasks"][TASK]["stage0"]["episodes"] == 2 and only["tasks"][TASK]["algos"] == {}
+    smoke = "sac.critic_pretrain_steps=2,sac.distill_steps=2,sac.num_envs=2"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run_variants.py"), "--task", TASK, "--work-src",
+         str(tmp_path / "work" / TASK), "--out", str(tmp_path / "out"), "--scratch", str(tmp_path / "scratch"),
+         "--env-steps", "32", "--eval-every", "16", "--eval-episodes", "2", "--name", "smoke",
+         "--variant", f"ok={smoke}", "--variant", f"broken={smoke},sac.no_such_option=1"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "smoke.json").read_text())
+    ok, broken = result["variants"]["ok"], result["variants"]["broken"]
+    assert ok["finished"] and [c["env_steps"] for c in ok["heldout"]] == [0, 16, 32]
+    assert ok["train"] and ok["train"][-1]["env_steps"] == 32
+    assert (tmp_path / "out" / "smoke_ok.json").is_file()  # the finished variant's own bench JSON
+    assert not broken["finished"] and broken["returncode"] not in (0, None) and broken["heldout"] == []
+    assert "no_such_option" in broken["log_tail"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["smoke.json", "smoke_ok.json"]
