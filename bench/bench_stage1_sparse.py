@@ -18,6 +18,9 @@ Full run (the lead, quiet machine; SACfD with config/demo.yaml's defaults (2 cri
 Runs made separately from the same cached Stage 0s (e.g. PPO later, or one task at a larger budget)
 combine into one table and figure: --merge a.json b.json [...] --name stage1_sparse (an algo whose
 budget differs from the first file's is keyed "<algo>_<env steps>").
+The iRe-VLA loop instead of one Stage 1 (SACfD; 3 x (4,096 decisions + Stage 2) took 21-22 min per task
+at load ~2): --algos sac --env-steps 4096 --iterations 3 --eval-every 2048. Stage 0 alone (how plain
+SFT scales with demos): --algos --demos 100 --set sft.steps=1600 --work runs/demos100.
 Smoke (< 1 min): --tasks button-press-topdown-v3 --algos sac --env-steps 64 --eval-episodes 2 \\
       --demos 2 --set sac.critic_pretrain_steps=5 --set sac.distill_steps=5 --name smoke
 """
@@ -187,7 +190,8 @@ def main(argv=None) -> int:
     out["total_seconds"] = round(time.perf_counter() - t_all, 1)
     out["loadavg_end"] = os.getloadavg()
     write_result(args.name, out)
-    plot(out, RESULTS / f"{args.name}.png")
+    if any(entry["algos"] for entry in out["tasks"].values()):  # Stage 0 alone: a number, no curve
+        plot(out, RESULTS / f"{args.name}.png")
     return 0
 
 

@@ -39,3 +39,4 @@ def test_stage0_only_then_variants_side_by_side(tmp_path):
     assert not broken["finished"] and broken["returncode"] not in (0, None) and broken["heldout"] == []
     assert "no_such_option" in broken["log_tail"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["smoke.json", "smoke_ok.json"]
+    assert not (tmp_path / "results" / "stage0_only.png").exists()  # Stage 0 alone: no curve to draw
