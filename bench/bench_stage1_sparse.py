@@ -208,7 +208,8 @@ def iterate_sac(policy, envs, demo_paths, cfg, args, ep_root: Path, eval_fn, rep
     for k in range(1, args.iterations + 1):
         sac = dataclasses.replace(cfg.sac, total_env_steps=args.env_steps)
         offset = (k - 1) * args.env_steps
-        stats = stage1_sac_sim(policy, envs, list(demo_paths) + kept, sac, episode_root=ep_root / f"iter{k}",
+        demo_buffer = list(demo_paths) + kept
+        stats = stage1_sac_sim(policy, envs, demo_buffer, sac, episode_root=ep_root / f"iter{k}",
                                iteration=k, progress=False, seed_start=1000 * k, eval_fn=eval_fn,
                                eval_every=args.eval_every, report=report)
         curve += [{**c, "env_steps": c["env_steps"] + offset, "stage": f"iter{k}_stage1"} for c in stats["curve"]]
@@ -219,8 +220,8 @@ def iterate_sac(policy, envs, demo_paths, cfg, args, ep_root: Path, eval_fn, rep
         s2 = stage2_sft(policy, demo_paths, kept, cfg.stage2_sft or cfg.sft, progress=False)
         curve.append({"env_steps": k * args.env_steps, **eval_fn(policy), "stage": f"iter{k}_stage2"})
         stages.append({"iteration": k, "stage1_final": stats["curve"][-1]["success_rate"],
-                       "stage2": curve[-1]["success_rate"], "demo_buffer_episodes": len(demo_paths) + len(kept)
-                       - len(stats["saved_episodes"]), "stage2_online_episodes": len(kept), "stage2_loss_last": s2["loss_last"],
+                       "stage2": curve[-1]["success_rate"], "demo_buffer_episodes": len(demo_buffer),
+                       "stage2_online_episodes": len(kept), "stage2_loss_last": s2["loss_last"],
                        "seconds_so_far": round(time.perf_counter() - t, 1)})
         report("iterate", k / args.iterations, f"iteration {k}: Stage 1 {stages[-1]['stage1_final']:.2f}, "
                                                f"Stage 2 {stages[-1]['stage2']:.2f} ({len(kept)} successes kept)")

@@ -1,6 +1,6 @@
 """The Stage 1 tuning tools, run for real at smoke size: bench_stage1_sparse.py trains and evaluates
-a Stage 0 (no Stage 1: --algos with none), then run_variants.py runs two config variants of SACfD
-from it side by side, one of them with a broken override."""
+a Stage 0 (no Stage 1: --algos with none), runs the iRe-VLA loop from it (--iterations), and
+run_variants.py runs two config variants of SACfD from it side by side, one with a broken override."""
 from __future__ import annotations
 
 import json
@@ -24,6 +24,20 @@ def test_stage0_only_then_variants_side_by_side(tmp_path):
     only = json.loads((tmp_path / "results" / "stage0_only.json").read_text())
     assert only["tasks"][TASK]["stage0"]["episodes"] == 2 and only["tasks"][TASK]["algos"] == {}
     smoke = "sac.critic_pretrain_steps=2,sac.distill_steps=2,sac.num_envs=2"
+    loop = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_stage1_sparse.py"), "--tasks", TASK, "--algos", "sac", "--demos", "2",
+         "--eval-episodes", "2", "--env-steps", "16", "--eval-every", "16", "--iterations", "2",
+         "--work", str(tmp_path / "work"), "--name", "loop"] + [a for s in smoke.split(",") for a in ("--set", s)]
+        + ["--set", "stage2_sft.steps=2"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert loop.returncode == 0, loop.stdout[-2000:] + loop.stderr[-2000:]
+    res = json.loads((tmp_path / "results" / "loop.json").read_text())["tasks"][TASK]["algos"]["sac"]
+    assert [c["stage"] for c in res["curve"]] == ["iter1_stage1"] * 2 + ["iter1_stage2"] + ["iter2_stage1"] * 2 + ["iter2_stage2"]
+    assert [c["env_steps"] for c in res["curve"]] == [0, 16, 16, 16, 32, 32]
+    first, second = res["stages"]
+    assert first["demo_buffer_episodes"] == 2  # then the demos + the successes iteration 1 kept
+    assert second["demo_buffer_episodes"] == 2 + first["stage2_online_episodes"]
+    assert (tmp_path / "results" / "loop.png").stat().st_size > 1000
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run_variants.py"), "--task", TASK, "--work-src",
          str(tmp_path / "work" / TASK), "--out", str(tmp_path / "out"), "--scratch", str(tmp_path / "scratch"),
