@@ -1,5 +1,6 @@
 """The Stage 1 tuning tools, run for real at smoke size: bench_stage1_sparse.py trains and evaluates
-a Stage 0 (no Stage 1: --algos with none), runs the iRe-VLA loop from it (--iterations), and
+a Stage 0 (no Stage 1: --algos with none), bench_heldout_by_placement.py re-runs its held-out
+episodes with their placements, the iRe-VLA loop runs from it (--iterations), and
 run_variants.py runs two config variants of SACfD from it side by side, one with a broken override."""
 from __future__ import annotations
 
@@ -23,6 +24,16 @@ def test_stage0_only_then_variants_side_by_side(tmp_path):
     assert stage0.returncode == 0, stage0.stdout[-2000:] + stage0.stderr[-2000:]
     only = json.loads((tmp_path / "results" / "stage0_only.json").read_text())
     assert only["tasks"][TASK]["stage0"]["episodes"] == 2 and only["tasks"][TASK]["algos"] == {}
+    by_place = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_heldout_by_placement.py"), "--task", TASK, "--episodes", "2",
+         "--checkpoint", str(tmp_path / "work" / TASK / "stage0"), "--label", "s0", "--name", "placement"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert by_place.returncode == 0, by_place.stdout[-2000:] + by_place.stderr[-2000:]
+    placed = json.loads((tmp_path / "results" / "placement.json").read_text())["checkpoints"]["s0"]
+    assert [e["seed"] for e in placed["episodes"]] == [10000, 10001]
+    assert placed["success_rate"] == only["tasks"][TASK]["stage0"]["success_rate"]  # the same episodes
+    assert all(len(e["placement"]) >= 3 for e in placed["episodes"])
+    assert (tmp_path / "results" / "placement.png").stat().st_size > 1000
     smoke = "sac.critic_pretrain_steps=2,sac.distill_steps=2,sac.num_envs=2"
     loop = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_stage1_sparse.py"), "--tasks", TASK, "--algos", "sac", "--demos", "2",
