@@ -248,11 +248,16 @@ class PolicyNode(Node):
 
     # ======================================================================== services
     def _srv_enable(self, req: SetBool.Request, resp: SetBool.Response):
-        was_enabled, self.runner.enabled = self.runner.enabled, bool(req.data)
-        if req.data:
-            self.backend.activate()
-        elif was_enabled:  # a disable of an idle policy must not pause Servo under a teleoperator
-            self._stop_motion("disabled")
+        # Under the runner's lock: a control step already running (the executor gate only holds
+        # callbacks back between them) finishes and sends its command first, so the stop is last.
+        # Without it a step could send a moving command after the disable's zero twist (seen once
+        # in a CI run at load ~3: the last twist after ~/enable false was not zero).
+        with self.runner.lock:
+            was_enabled, self.runner.enabled = self.runner.enabled, bool(req.data)
+            if req.data:
+                self.backend.activate()
+            elif was_enabled:  # a disable of an idle policy must not pause Servo under a teleoperator
+                self._stop_motion("disabled")
         resp.success = True
         resp.message = ("enabled" if req.data else "disabled") + (
             " (e-stop latched: no commands until released)" if self.runner.safety.estop_active else "")
