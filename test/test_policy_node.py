@@ -435,6 +435,27 @@ def test_reload_answers_at_once_swaps_model_failed_load_keeps_old(make_rig, ckpt
     np.testing.assert_allclose(a, BIG, atol=1e-3)
 
 
+def test_disable_waits_for_the_step_in_flight_so_its_stop_is_last(make_rig, ckpts, ros):
+    """~/enable false while a control step holds the runner (decided to move, not yet sent): the
+    disable waits for that step, so its zero twist comes after the step's command, never before."""
+    rig = make_rig(ckpts["base"])
+    rig.enable()
+    rig.wait_commands(3)
+    answer = {}
+    with rig.node.runner.lock:  # what a control step holds from its decision to its send
+        caller = threading.Thread(target=lambda: answer.update(r=ros.call(SetBool, "/policy_node/enable",
+                                                                          SetBool.Request(data=False))))
+        caller.start()
+        time.sleep(1.0)
+        assert caller.is_alive() and rig.node.runner.enabled  # the disable waits for the step
+    caller.join(10.0)
+    assert answer["r"].success and not rig.node.runner.enabled
+    assert rig.quiet_while("disabled")
+    with rig.robot.lock:
+        last = rig.robot.twists[-1].twist.linear
+    assert (last.x, last.y, last.z) == (0.0, 0.0, 0.0)
+
+
 def test_dropped_action_stops_the_arm(make_rig, ckpts, tmp_path, ros):
     """A running arm whose next action is dropped (NaN) gets stop(): a zero twist, not the last twist."""
     from ire_vla_ros.vla.checkpoint import save_checkpoint
