@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_result  # noqa: E402
+from common import machine, run_episode, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,12 +46,8 @@ def main(argv=None) -> int:
             for noise in (0.0, cfg.collect.noise_std):
                 success, decisions = [], []
                 for seed in seeds:
-                    env.reset(seed)
                     rng = noise_rng(seed, noise)
-                    while True:
-                        *_, terminated, truncated, info = env.step(noisy_expert_action(env, rng, noise))
-                        if terminated or truncated:
-                            break
+                    info = run_episode(env, seed, lambda _obs: noisy_expert_action(env, rng, noise))
                     success.append(bool(info["success"]))
                     decisions.append(env.steps)
                 r = {"success_rate": float(np.mean(success)), "mean_decisions": float(np.mean(decisions)),

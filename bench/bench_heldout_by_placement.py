@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_result  # noqa: E402
+from common import RESULTS, machine, run_episode, save_figure, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,12 +65,8 @@ def main(argv=None) -> int:
         try:
             rows = []
             for seed in seeds:
-                obs = env.reset(seed)
-                while True:
-                    action = policy.act_batch(obs.image[None], obs.state[None], [obs.instruction], True).actions[0]
-                    obs, _, terminated, truncated, info = env.step(action)
-                    if terminated or truncated:
-                        break
+                info = run_episode(env, seed, lambda obs: policy.act_batch(
+                    obs.image[None], obs.state[None], [obs.instruction], True).actions[0])
                 rows.append({"seed": seed, "placement": [round(float(x), 4) for x in env.placement],
                              "success": bool(info["success"]), "decisions": env.steps})
             x = np.array([r["placement"][0] for r in rows])
@@ -110,11 +106,7 @@ def plot(out: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("object y (m)")
     fig.suptitle(f"{out['task']}: held-out outcome by placement ({out['episodes']} seeds, deterministic)", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"written: {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

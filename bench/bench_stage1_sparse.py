@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine, write_result  # noqa: E402
+from common import RESULTS, machine, save_figure, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -284,11 +284,7 @@ def plot(out: dict, path: Path) -> None:
     loops = {res.get("iterations") for e in out["tasks"].values() for res in e["algos"].values()} - {None}
     fig.suptitle(f"iRe-VLA loop, sparse reward: {max(loops)} x (SACfD Stage 1 + Stage 2) from Stage 0" if loops
                  else "Stage 1 with sparse reward: SACfD vs PPO from the same Stage 0", fontsize=9 if len(tasks) == 1 else 12)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"written: {path}")
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

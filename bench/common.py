@@ -32,3 +32,24 @@ def write_result(name: str, payload: dict) -> Path:
     print(json.dumps(payload, indent=2, default=float))
     print(f"written: {path}")
     return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """tight_layout, write the PNG (folder made), close the figure, say where."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"written: {path}")
+
+
+def run_episode(env, seed: int, act) -> dict:
+    """One episode of a MetaworldTaskEnv from `seed`, `act(observation) -> action` each decision,
+    until it terminates (success) or truncates (time limit); returns the last step's info."""
+    obs = env.reset(seed)
+    while True:
+        obs, _, terminated, truncated, info = env.step(act(obs))
+        if terminated or truncated:
+            return info
