@@ -53,6 +53,9 @@ class EpisodeStepDataset(Dataset):
         self.tasks: list[str] = []
         self.successes: list[bool] = []
         self.action_specs: list[Any] = []
+        # Per episode: the object/goal placement a simulation collector recorded in the metadata
+        # (None for robot episodes); SFT's optional auxiliary loss predicts it from the latent.
+        self.placements: list[np.ndarray | None] = []
         self.skipped: list[tuple[Any, str]] = []
         images, states, actions, ep_idx, step_idx = [], [], [], [], []
         for item in paths:
@@ -81,6 +84,8 @@ class EpisodeStepDataset(Dataset):
             self.tasks.append(ep.task)
             self.successes.append(ep.success)
             self.action_specs.append(ep.action_spec)
+            placement = ep.metadata.get("placement")
+            self.placements.append(None if placement is None else np.asarray(placement, np.float32).ravel())
             images.append(img)
             states.append(ep.joint_positions.astype(np.float32, copy=False))
             actions.append(ep.actions.astype(np.float32, copy=False))

@@ -215,11 +215,12 @@ def preset_blip2_config(cfg: BackboneConfig, vocab_size: int):
     vision = Blip2VisionConfig(
         hidden_size=n["vision_hidden"], intermediate_size=n["vision_mlp"], num_hidden_layers=n["vision_layers"],
         num_attention_heads=n["vision_heads"], image_size=n["image_size"], patch_size=n["patch_size"],
+        initializer_range=init_std(n["vision_hidden"]),
     )
     qformer = Blip2QFormerConfig(
         hidden_size=n["qformer_hidden"], intermediate_size=n["qformer_mlp"],
         num_hidden_layers=n["qformer_layers"], num_attention_heads=n["qformer_heads"],
-        encoder_hidden_size=n["vision_hidden"],
+        encoder_hidden_size=n["vision_hidden"], initializer_range=init_std(n["qformer_hidden"]),
         # tiny keeps its historical Q-Former vocabulary (the tokenizer's); the others BERT's, as published
         vocab_size=vocab_size if cfg.preset == "tiny" else 30522,
     )
@@ -227,11 +228,34 @@ def preset_blip2_config(cfg: BackboneConfig, vocab_size: int):
         hidden_size=n["text_hidden"], ffn_dim=n["text_ffn"], num_hidden_layers=n["text_layers"],
         num_attention_heads=n["text_heads"], vocab_size=vocab_size, word_embed_proj_dim=n["text_hidden"],
         max_position_embeddings=n["max_positions"], pad_token_id=0, bos_token_id=2, eos_token_id=2,
+        init_std=init_std(n["text_hidden"]),
     )
     return Blip2Config(
         vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
         num_query_tokens=n["num_query_tokens"], image_token_index=3,  # WordTokenizer's <image>
+        initializer_range=init_std(n["qformer_hidden"]),  # query tokens, language projection
     )
+
+
+def init_std(width: int) -> float:
+    """Init std of a preset tower's random weights: 1/sqrt(width).
+
+    A preset trains from random init, and transformers' defaults assume pretrained weights get
+    loaded over them: Blip2VisionConfig's initializer_range is 1e-10 (a dead vision tower: features
+    ~1e-6 whatever the image) and the fixed 0.02 of Q-Former/OPT suits widths near 2,500 (1/sqrt
+    of 768-2560 is 0.036-0.020) but shrinks every layer of a 64-wide tiny tower ~8x: the image's
+    effect on the LM's last hidden states came out 0.04 % of their size, and the trained policies
+    ignored their camera (bench/results/stage0_vision_checks.json). 1/sqrt(width) keeps a
+    layer's output the size of its input at any width (3 % at 64 wide).
+    """
+    return float(width) ** -0.5
+
+
+def init_query_tokens(model, std: float) -> None:
+    """Random Q-Former queries for a preset: transformers initialises them to zeros (a pretrained
+    BLIP-2 loads its own), and identical queries all read the image the same way."""
+    with torch.no_grad():
+        nn.init.trunc_normal_(model.query_tokens, mean=0.0, std=std)
 
 
 def tiny_blip2_config(cfg: BackboneConfig, vocab_size: int):
@@ -264,6 +288,7 @@ def build_backbone(cfg: BackboneConfig, tokenizer_json: str | None = None) -> VL
         torch.manual_seed(cfg.seed)
         dtype = getattr(torch, cfg.torch_dtype)
         model = transformers.Blip2ForConditionalGeneration(preset_blip2_config(cfg, len(tokenizer.vocab)))
+        init_query_tokens(model, init_std(numbers["qformer_hidden"]))
         if dtype != torch.float32:
             model = model.to(dtype)
         return VLMBackbone(cfg, model, tokenizer=tokenizer)
