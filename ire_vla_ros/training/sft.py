@@ -1,7 +1,8 @@
 """Stage 0 and Stage 2 of iRe-VLA: supervised fine-tuning of LoRA + action head.
 
 Behaviour cloning with the paper's MSE loss on the normalized action (the Gaussian's mean);
-AdamW, gradient clipping, random-shift image augmentation, a progress bar. Stage 0 computes the
+AdamW, gradient clipping, optional random-shift image augmentation, an optional auxiliary loss that
+predicts the object's placement from the latent (simulation), a progress bar. Stage 0 computes the
 action/state normalization from the expert data; Stage 2 keeps the model's statistics (changing
 them would silently shift what the head outputs) and mixes expert and successful online episodes.
 """
@@ -59,13 +60,11 @@ def step_placements(parts: list[EpisodeStepDataset]) -> np.ndarray | None:
         return None
     out = np.full((sum(len(part) for part in parts), max(dims)), np.nan, np.float32)
     row = 0
-    for part in parts:
-        for e in range(part.n_episodes):
-            n = int((part.episode_index == e).sum())
-            p = part.placements[e]
+    for part in parts:  # a part's steps are its episodes' steps, one episode after the other
+        for p, n in zip(part.placements, np.bincount(part.episode_index, minlength=part.n_episodes)):
             if p is not None:
                 out[row:row + n, : len(p)] = p
-            row += n
+            row += int(n)
     return out
 
 
