@@ -365,7 +365,9 @@ def evaluate_heads(ckpt0: Path, heads: list[dict], args) -> list[dict]:
         t = time.perf_counter()
         r = evaluate(policy, envs, seeds)[args.task]
         out.append({"minute": h["minute"], "version": h["version"], "success_rate": r["success_rate"],
-                    "successes": r["successes"], "episodes": r["episodes"], "seconds": round(time.perf_counter() - t, 1)})
+                    "successes": r["successes"], "episodes": r["episodes"], "seconds": round(time.perf_counter() - t, 1),
+                    # the exploration noise the policy ran with (pre-squash log-std, mean over dims)
+                    "log_std": round(float(policy.actor.log_std.mean()), 3)})
     for env in envs:
         env.close()
     return out

@@ -355,6 +355,20 @@ def test_updates_move_the_head_and_critic_but_never_the_backbone():
     assert any(not torch.equal(p, t) for p, t in zip(learner.target_critic.parameters(), target))
 
 
+def test_actor_waits_for_online_transitions_while_the_critic_trains():
+    learner = _learner(actor_learning_starts=40)
+    demo, online = (LatentReplay(1 << 22, 24, 64, 9, 2, tag="t") for _ in range(2))
+    demo.add(**_transitions(32, tokens=24, width=64, S=9, A=2), tag="t")
+    online.add(**_transitions(32, tokens=24, width=64, S=9, A=2, seed=1), tag="t")
+    head = [p.detach().clone() for p in learner.policy.head_parameters()]
+    learner.train(online, demo, 4)
+    assert (learner.critic_updates, learner.actor_updates) == (4, 0)  # 32 online < 40: critic only
+    assert all(torch.equal(p, h) for p, h in zip(learner.policy.head_parameters(), head))
+    online.add(**_transitions(8, tokens=24, width=64, S=9, A=2, seed=2), tag="t")
+    learner.train(online, demo, 4)
+    assert (learner.critic_updates, learner.actor_updates) == (8, 2)
+
+
 def test_exploration_noise_stays_under_max_log_std():
     replay = LatentReplay(1 << 22, 24, 64, 9, 2, tag="t")
     replay.add(**_transitions(32, tokens=24, width=64, S=9, A=2), tag="t")
@@ -364,6 +378,41 @@ def test_exploration_noise_stays_under_max_log_std():
         learner.train(replay, replay, 2)
         log_std = learner.policy.actor.log_std
         assert (log_std.max().item() <= -1.0) == expect_capped, log_std
+
+
+def _log_std_grad(learner, batch, alpha: float) -> torch.Tensor:
+    """d(actor loss, no behaviour term)/d(log std) at temperature alpha, one seeded noise draw."""
+    from ire_vla_ros.training.sac import actor_loss
+
+    learner.log_alpha.data.fill_(math.log(alpha))
+    learner.policy.actor.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss, _, _ = actor_loss(learner, batch, learner.cfg, bc_weight=0.0)
+    loss.backward()
+    return learner.policy.actor.log_std.grad.clone()
+
+
+def test_near_a_bound_only_the_entropy_term_moves_the_noise():
+    """Why sac.max_log_std defaults to the initial noise: with the mean action near a bound (the
+    expert's saturated actions, pre-squash ~3) the Q term hardly changes with the noise (tanh' ~0.01
+    there), while the entropy term raises it at every step; unbounded it drifted ~+1 per 8k
+    decisions in the benchmark (sac.py docstring)."""
+    q_grads = {}
+    for mean in (0.0, 3.0):
+        learner = _learner(max_log_std=None)
+        with torch.no_grad():  # the head outputs `mean` (pre-squash) whatever the latent
+            learner.policy.actor.mlp[-1].weight.zero_()
+            learner.policy.actor.mlp[-1].bias.fill_(mean)
+            learner.critic.net[-1].weight.mul_(30.0)  # a critic with a clear slope in the action
+        batch = _batch(learner, B=64)
+        q_grads[mean] = _log_std_grad(learner, batch, alpha=1e-12)  # the Q term alone
+        if mean == 3.0:
+            both = _log_std_grad(learner, batch, alpha=0.01)
+            assert (both < 0).all()  # descending it raises the noise
+    assert q_grads[0.0].abs().mean() > 20 * q_grads[3.0].abs().mean(), q_grads
+    assert SACConfig().max_log_std == SACConfig().init_log_std
+    with pytest.raises(ValueError, match="init_log_std -0.5 is above sac.max_log_std -1.0"):
+        _learner(init_log_std=-0.5)
 
 
 def test_published_actor_is_the_running_average_and_training_resumes_unchanged():

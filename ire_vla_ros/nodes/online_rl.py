@@ -279,7 +279,7 @@ class LearnerSession:
                 self.counters["snapshots"] += 1
                 self.version = int(ev.get("version", self.version))
                 self.last_snapshot = {k: ev.get(k) for k in ("path", "version", "checkpoint", "episodes",
-                                                             "critic_updates", "actor_updates", "q_mean", "alpha", "t")}
+                                                             "critic_updates", "actor_updates", "q_mean", "alpha", "log_std", "t")}
             self.version_counter += 1
             self._push(ev)
 

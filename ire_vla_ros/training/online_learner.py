@@ -236,7 +236,7 @@ class OnlineLearner:
         self.last_snapshot = time.monotonic()
         stats = getattr(self, "last_train", {})
         emit("snapshot", path=str(path), **meta, online_transitions=len(self.online),
-             q_mean=stats.get("q_mean"), alpha=stats.get("alpha"))
+             q_mean=stats.get("q_mean"), alpha=stats.get("alpha"), log_std=stats.get("log_std"))
         return path
 
 

@@ -56,6 +56,17 @@ frozen (`actor_train_pool: false`) 0.50 / 0.50; no self-imitation on online rows
 fall after ~4-5k decisions survives every one, and Stage 2 (demos + successes) lands at 0.50-0.55
 after each, whatever Stage 1 ended at. The GPU (or a real VLM's encoder cost)
 changes the time balance.
+
+Session 10 found those sessions' policy blind to its camera (vla/backbone.py); session 11, with a
+policy that sees (20 demos, Stage 0 0.82-0.93 held-out), found why the exploring success falls:
+the exploration noise drifts up at Adam's full step. Unbounded, log std went -0.93 -> +0.04 /
+-0.20 / -0.22 (button-press / plate-slide / drawer-open) over 8,192 decisions (4,096 actor
+updates x lr 3e-4 = 1.2 at most), while the temperature rose on one task and fell on the others:
+not the temperature. The expert's actions sit at the box bounds (pre-squash ~3, where tanh' is
+~0.01), so the actor's Q term hardly changes with the noise there and nothing holds back the
+entropy term (test_sac.py: near a bound the Q term's gradient on log std is ~1/170 of its value at
+a centred mean). Hence `max_log_std` defaults to the initial noise. Measured with the bound:
+see the README's bench row (stage1_sparse_bounded.json).
 """
 from __future__ import annotations
 
@@ -116,11 +127,17 @@ class SACConfig:
     critic_actor_ratio: int = 2  # critic updates per actor update (HIL-SERL: 2)
     grad_clip: float = 10.0
     learning_starts: int = 0  # online transitions before updates start (the demo buffer is full already)
+    # Online transitions before the actor's first update; the critic trains from the start. A critic
+    # fitted to the demos alone has seen no failure, so its action gradient says little at first.
+    actor_learning_starts: int = 0
     init_log_std: float = -1.0  # exploration noise (pre-squash units) at the start of Stage 1
-    # Upper bound on that noise (None: only the head's own clamp at 1.0): a safety bound on how far a
-    # real arm may wander while exploring. The temperature keeps raising the noise where the demo
-    # actions saturate tanh; under the bound it raises alpha instead (measured, docstring: -1.0 hurt).
-    max_log_std: float | None = None
+    # Upper bound on that noise (None: only the head's own clamp at 1.0), by default the initial noise.
+    # Why (session 11, module docstring): where the actions sit near the box bounds (pre-squash ~3,
+    # tanh' ~0.01) the Q term of the actor loss cannot see the noise, while the entropy term raises
+    # log std at every step: unbounded, it drifted -0.93 -> -0.22..+0.04 within 8,192 decisions on
+    # all three tasks and the exploring episodes failed more and more. Also a safety bound on how
+    # far a real arm may wander while exploring.
+    max_log_std: float | None = -1.0
     # The online learner publishes a Polyak average of the actor (avg += tau * (actor - avg) after each
     # actor update) instead of the actor as trained; 0: the actor as trained. Why: measured online,
     # successive heads' held-out success swung 0.10 <-> 0.55 within 5 minutes (README).
@@ -609,6 +626,9 @@ class SACLearner:
         self.device = device or policy.device
         self.gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
+        if cfg.max_log_std is not None and cfg.init_log_std > cfg.max_log_std:
+            raise ValueError(f"sac.init_log_std {cfg.init_log_std} is above sac.max_log_std {cfg.max_log_std}: "
+                             "raise max_log_std with it (or set it to null: no bound)")
         policy.freeze_backbone()
         if policy.cfg.action_squash != "tanh":
             raise ValueError("SAC needs the tanh head: call distill_to_tanh first")
@@ -706,7 +726,8 @@ class SACLearner:
         stats: list[dict] = []
         for _ in range(n_updates):
             batch = sample_mixed(online, demo, self.cfg.batch_size, self.cfg.demo_fraction, self.gen, self.device)
-            actor_now = not critic_only and (self.critic_updates + 1) % self.cfg.critic_actor_ratio == 0
+            actor_now = (not critic_only and (self.critic_updates + 1) % self.cfg.critic_actor_ratio == 0
+                         and online is not None and online.added >= self.cfg.actor_learning_starts)
             stats.append(self.update(batch, update_actor=actor_now))
         self.policy.eval()
         if not stats:
