@@ -129,6 +129,7 @@ class SACConfig:
     learning_starts: int = 0  # online transitions before updates start (the demo buffer is full already)
     # Online transitions before the actor's first update; the critic trains from the start. A critic
     # fitted to the demos alone has seen no failure, so its action gradient says little at first.
+    # Not benchmarked yet (session 11): from 5 demos SACfD still first loses points before gaining.
     actor_learning_starts: int = 0
     init_log_std: float = -1.0  # exploration noise (pre-squash units) at the start of Stage 1
     # Upper bound on that noise (None: only the head's own clamp at 1.0), by default the initial noise.
