@@ -132,12 +132,9 @@ class SACConfig:
     # Not benchmarked yet (session 11): from 5 demos SACfD still first loses points before gaining.
     actor_learning_starts: int = 0
     init_log_std: float = -1.0  # exploration noise (pre-squash units) at the start of Stage 1
-    # Upper bound on that noise (None: only the head's own clamp at 1.0), by default the initial noise.
-    # Why (session 11, module docstring): where the actions sit near the box bounds (pre-squash ~3,
-    # tanh' ~0.01) the Q term of the actor loss cannot see the noise, while the entropy term raises
-    # log std at every step: unbounded, it drifted -0.93 -> -0.22..+0.04 within 8,192 decisions on
-    # all three tasks and the exploring episodes failed more and more. Also a safety bound on how
-    # far a real arm may wander while exploring.
+    # Upper bound on that noise (None: only the head's own clamp at 1.0), by default the initial noise:
+    # near the action bounds only the entropy term moves it, upward (module docstring, session 11).
+    # Also a safety bound on how far a real arm may wander while exploring.
     max_log_std: float | None = -1.0
     # The online learner publishes a Polyak average of the actor (avg += tau * (actor - avg) after each
     # actor update) instead of the actor as trained; 0: the actor as trained. Why: measured online,
